@@ -1,0 +1,146 @@
+"""Caption images with a trained checkpoint and draw where the model looked for each word.
+
+    python caption.py --checkpoint runs/shapes/best.pt --img photo.jpg [more.jpg ...] [--out fig.png]
+    python caption.py --checkpoint runs/shapes/best.pt --img-dir photos/ --out figures/
+
+A bad image (missing, not an image, a decompression bomb) gets a one-line error; the others are
+still captioned, and the exit code is then 2.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from decoding import beam_search
+from models import load_model
+from utils import ImageLoadError, UserError, decode_tokens, load_checkpoint, load_image, open_rgb, pick_device, run_cli
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--img", nargs="+", help="image file(s)")
+    src.add_argument("--img-dir", help="caption every image in this folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--out", help="figure path (.png) for one image, or a folder for several "
+                                 "(default: IMAGE_attention.png in the current folder)")
+    p.add_argument("--no-plot", action="store_true", help="print captions only")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def list_images(args):
+    if args.img:
+        return args.img
+    if not os.path.isdir(args.img_dir):
+        raise UserError(f"{args.img_dir}: folder not found")
+    names = sorted(n for n in os.listdir(args.img_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise UserError(f"{args.img_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(args.img_dir, n) for n in names]
+
+
+def figure_path(out, image_path, several):
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    if out is None:
+        return f"{stem}_attention.png"
+    if several or not out.lower().endswith(".png"):
+        return os.path.join(out, f"{stem}.png")
+    return out
+
+
+@torch.no_grad()
+def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50):
+    """image: (3, S, S) uint8 array. Returns (words, alphas (len(words), num_pixels), grid size)."""
+    device = next(decoder.parameters()).device
+    features = encoder(torch.from_numpy(image).unsqueeze(0).to(device))  # (1, num_pixels, encoder_dim)
+    hyp = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty)[0]
+    rev = {v: k for k, v in word_map.items()}
+    words = [rev[i] for i in hyp["tokens"]]
+    grid = int(round(features.shape[1] ** 0.5))
+    return words, hyp["alphas"].float().numpy(), grid
+
+
+def smooth_attention(alpha, grid, height, width):
+    """(num_pixels,) attention -> (height, width) map in [0, 1], upsampled smoothly."""
+    a = torch.from_numpy(alpha).view(1, 1, grid, grid)  # (1, 1, grid, grid)
+    a = torch.nn.functional.interpolate(a, size=(height, width), mode="bicubic", align_corners=False)[0, 0]  # (H, W)
+    a = a.clamp(min=0)
+    return (a / a.max().clamp(min=1e-12)).numpy()
+
+
+def attention_figure(picture, words, alphas, grid, columns=5):
+    """One panel per generated word: the picture, brightest where that word's attention was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pic = np.asarray(picture, dtype=np.float32) / 255.0  # (H, W, 3)
+    h, w = pic.shape[:2]
+    n = max(len(words), 1)
+    rows = (n + columns - 1) // columns
+    cols = min(columns, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows * h / w + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, word in enumerate(words):
+        ax = axes.flat[i]
+        att = smooth_attention(alphas[i], grid, h, w)[..., None]  # (H, W, 1)
+        ax.imshow(pic * (0.2 + 0.8 * att))  # dim the places the model did not look at
+        ax.set_title(word, fontsize=13)
+    fig.suptitle(" ".join(words), fontsize=14)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = list_images(args)
+    checkpoint = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    try:
+        encoder, decoder = load_model(checkpoint, device)
+        word_map, size = checkpoint["word_map"], int(checkpoint["config"].get("image_size", 256))
+    except KeyError as err:
+        raise UserError(f"{args.checkpoint}: not a captioning checkpoint (missing {err})") from None
+    failures = 0
+    for path in paths:
+        try:
+            image = load_image(path, size)  # (3, size, size) uint8, as in training
+            picture = open_rgb(path, draft_size=512)
+        except ImageLoadError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size,
+                                            args.length_penalty, args.max_len)
+        print(f"{path}: {' '.join(words)}")
+        if not args.no_plot:
+            picture.thumbnail((400, 400))
+            out = figure_path(args.out, path, len(paths) > 1)
+            save_figure(attention_figure(picture, words, alphas, grid), out)
+            print(f"  attention figure: {out}")
+    return 2 if failures else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

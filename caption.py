@@ -57,11 +57,11 @@ def figure_path(out, image_path, several):
 
 
 @torch.no_grad()
-def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50):
+def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50, constrained=False):
     """image: (3, S, S) uint8 array. Returns (words, alphas (len(words), num_pixels), grid size)."""
     device = next(decoder.parameters()).device
     features = encoder(torch.from_numpy(image).unsqueeze(0).to(device))  # (1, num_pixels, encoder_dim)
-    hyp = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty)[0]
+    hyp = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, constrained=constrained)[0]
     rev = {v: k for k, v in word_map.items()}
     words = [rev[i] for i in hyp["tokens"]]
     grid = int(round(features.shape[1] ** 0.5))
@@ -131,8 +131,8 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             failures += 1
             continue
-        words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size,
-                                            args.length_penalty, args.max_len)
+        words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size, args.length_penalty,
+                                            args.max_len, checkpoint["config"].get("constrained_decoding", False))
         print(f"{path}: {' '.join(words)}")
         if not args.no_plot:
             picture.thumbnail((400, 400))

@@ -4,9 +4,29 @@ from tqdm import tqdm
 
 from utils import END, START, UNK
 
+# Words a caption must not end on: self-critical training learns to stop after them ("a man with a")
+BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
+               "is", "are", "am", "and")
+
+
+def bad_ending_ids(word_map):
+    return torch.tensor([word_map[w] for w in BAD_ENDINGS if w in word_map], dtype=torch.long)
+
+
+def constrain(log_probs, previous, word_map, bad_ids):
+    """Forbid <end> right after a bad-ending word, and any word twice in a row ("a a a").
+    log_probs (rows, vocab), previous (rows,) the last word of each row."""
+    end = word_map[END]
+    after_bad = torch.isin(previous, bad_ids.to(previous.device))  # (rows,)
+    log_probs[after_bad, end] = float("-inf")
+    repeat = previous != word_map[START]  # (rows,)
+    log_probs[repeat.nonzero().view(-1), previous[repeat]] = float("-inf")
+    return log_probs
+
 
 @torch.no_grad()
-def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_penalty=0.0, suppress_unk=False):
+def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_penalty=0.0, suppress_unk=False,
+                constrained=False):
     """Decode a batch of encoded images at once.
 
     features: (batch, num_pixels, encoder_dim) from the Encoder.
@@ -37,6 +57,7 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     seqs = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (batch * k, t)
     alpha_seqs = features.new_empty(batch * k, 0, num_pixels)  # (batch * k, t, num_pixels)
     images = torch.arange(batch, device=device)  # original image of each live row block
+    bad_ids = bad_ending_ids(word_map) if constrained else None
     best = [None] * batch
     n_finished = [0] * batch
 
@@ -47,6 +68,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         log_probs = torch.log_softmax(decoder.word_scores(h).float(), dim=1)  # (live * k, vocab)
         if suppress_unk:
             log_probs[:, unk] = float("-inf")
+        if constrained:
+            log_probs = constrain(log_probs, words, word_map, bad_ids)
         candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k * vocab)
         scores, flat = candidates.topk(k, dim=1)  # (live, k), (live, k)
         beam, word = flat // vocab, flat % vocab  # (live, k) each: source beam, new word
@@ -113,9 +136,40 @@ def _still_searching(scores, images, best, n_finished, k, length_penalty):
     return torch.tensor(keep, dtype=torch.bool, device=scores.device)
 
 
+def sample_captions(decoder, features, word_map, samples_per_image, max_len=20):
+    """Sample captions word by word from the model (with gradients), for self-critical training.
+
+    Returns tokens (batch * n, steps) with 0 after <end>, log_probs (batch * n, steps) of the sampled
+    words, and mask (batch * n, steps), 1 for real words (<end> included). Rows of one image are adjacent.
+    """
+    n, end = samples_per_image, word_map[END]
+    bad_ids = bad_ending_ids(word_map)
+    projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
+    h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
+    features, projected = features.repeat_interleave(n, 0), projected.repeat_interleave(n, 0)  # (batch * n, ...)
+    h, c = h.repeat_interleave(n, 0), c.repeat_interleave(n, 0)  # 2 x (batch * n, decoder_dim)
+    words = torch.full((len(h),), word_map[START], dtype=torch.long, device=h.device)  # (batch * n,)
+    finished = torch.zeros(len(h), dtype=torch.bool, device=h.device)  # (batch * n,)
+    tokens, log_probs, mask = [], [], []
+    for _ in range(max_len):
+        h, c, _ = decoder.step(decoder.embedding(words), h, c, features, projected)  # (batch * n, decoder_dim) x2
+        scores = decoder.word_scores(h).float()  # (batch * n, vocab)
+        with torch.no_grad():
+            allowed = constrain(torch.zeros_like(scores), words, word_map, bad_ids)  # 0 or -inf
+        step_log_probs = torch.log_softmax(scores + allowed, dim=1)  # (batch * n, vocab)
+        words = torch.multinomial(step_log_probs.detach().exp(), 1).view(-1)  # (batch * n,)
+        tokens.append(words.masked_fill(finished, 0))
+        log_probs.append(step_log_probs.gather(1, words.unsqueeze(1)).view(-1))  # (batch * n,)
+        mask.append(~finished)
+        finished = finished | (words == end)
+        if finished.all():
+            break
+    return torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(mask, 1).float()
+
+
 @torch.no_grad()
 def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, length_penalty=0.0,
-                   suppress_unk=False, device="cpu", desc="decoding", features_given=False):
+                   suppress_unk=False, device="cpu", desc="decoding", features_given=False, constrained=False):
     """Beam-search every image yielded by `batches` ((images or features, indices) pairs).
 
     Returns {index: hypothesis dict}. With features_given=True the batches hold cached encoder
@@ -125,6 +179,6 @@ def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, l
     for inputs, indices in tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         inputs = inputs.to(device)
         features = inputs.float() if features_given else encoder(inputs)  # (batch, num_pixels, encoder_dim)
-        hyps = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, suppress_unk)
+        hyps = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, suppress_unk, constrained)
         results.update(zip(indices.tolist(), hyps))
     return results

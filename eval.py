@@ -82,7 +82,8 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
 
     start = time.time()
     hyps = decode_all(encoder, decoder, images, word_map, beam_sizes, batch_size, device, workers,
-                      max_len=max_len, length_penalty=length_penalty, suppress_unk=suppress_unk)
+                      max_len=max_len, length_penalty=length_penalty, suppress_unk=suppress_unk,
+                      constrained=checkpoint["config"].get("constrained_decoding", False))
     seconds = time.time() - start
     report = {"checkpoint": checkpoint_path, "split": split, "data_folder": data_folder, "data_name": data_name,
               "num_images": len(images), "decode_seconds": seconds, "results": []}

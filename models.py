@@ -14,14 +14,23 @@ from torch import nn
 from utils import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# name -> (channels of the last feature map, normalisation mean, std)
+# name -> ({feature stride: channels of that feature map}, normalisation mean, std)
 ENCODERS = {
-    "resnet50": (2048, IMAGENET_MEAN, IMAGENET_STD),
-    "resnet101": (2048, IMAGENET_MEAN, IMAGENET_STD),
-    "resnet152": (2048, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": ({32: 2048, 16: 1024}, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": ({32: 2048, 16: 1024}, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet152": ({32: 2048, 16: 1024}, IMAGENET_MEAN, IMAGENET_STD),
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
-    "efficientnet_lite0": (1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite0": ({32: 1280, 16: 112}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+LITE0_STRIDE16_BLOCKS = 11  # blocks 0-10 of EfficientNet-Lite0 end at stride 16 (112 channels)
+
+
+def encoder_dim(name, feature_stride=32):
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
+    if feature_stride not in ENCODERS[name][0]:
+        raise UserError(f"--feature-stride must be 16 or 32, not {feature_stride}")
+    return ENCODERS[name][0][feature_stride]
 
 
 class WeightsUnavailable(UserError):
@@ -33,8 +42,9 @@ class WeightsUnavailable(UserError):
 # ---------------------------------------------------------------------------
 
 
-def _resnet_backbone(name, pretrained, weights_path):
-    """torchvision ResNet without its average pool and classifier: (batch, 3, H, W) -> (batch, 2048, H/32, W/32)."""
+def _resnet_backbone(name, pretrained, weights_path, feature_stride):
+    """torchvision ResNet without its average pool and classifier: (batch, 3, H, W) -> (batch, 2048, H/32, W/32),
+    or without layer4 too for feature_stride 16: (batch, 1024, H/16, W/16)."""
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
@@ -51,7 +61,7 @@ def _resnet_backbone(name, pretrained, weights_path):
                 f"cannot get ImageNet weights for {name} ({reason}). Ways out: --encoder efficientnet_lite0 "
                 f"(weights ship with pip), put {os.path.basename(weights.url)} at {hub} (TORCH_HOME), "
                 f"--encoder-weights PATH, or --no-pretrained (random weights)") from None
-    return nn.Sequential(*list(net.children())[:-2])
+    return nn.Sequential(*list(net.children())[: -2 if feature_stride == 32 else -3])
 
 
 def _read_weights_file(path):
@@ -63,10 +73,12 @@ def _read_weights_file(path):
 
 
 class _LiteFeatures(nn.Module):
-    """EfficientNet-Lite0 up to its last 1x1 conv: (batch, 3, H, W) -> (batch, 1280, H/32, W/32)."""
+    """EfficientNet-Lite0 up to its last 1x1 conv: (batch, 3, H, W) -> (batch, 1280, H/32, W/32),
+    or up to block 10 for feature_stride 16: (batch, 112, H/16, W/16)."""
 
-    def __init__(self, pretrained, weights_path):
+    def __init__(self, pretrained, weights_path, feature_stride):
         super().__init__()
+        self.feature_stride = feature_stride
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
@@ -84,14 +96,23 @@ class _LiteFeatures(nn.Module):
             self.net.load_state_dict(_read_weights_file(weights_path))
         self.net._fc = None  # the classifier is not used
         self.net._dropout = None
+        self.num_blocks = len(self.net._blocks) if feature_stride == 32 else LITE0_STRIDE16_BLOCKS
 
     def forward(self, x):
-        return self.net.extract_features(x)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))  # (batch, 32, H/2, W/2)
+        for idx, block in enumerate(net._blocks[: self.num_blocks]):
+            rate = net._global_params.drop_connect_rate  # deeper blocks drop more (training only)
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
+        if self.feature_stride == 32:
+            x = net._swish(net._bn1(net._conv_head(x)))  # (batch, 1280, H/32, W/32)
+        return x
 
     def later_blocks(self):
-        """The second half of the MBConv blocks and the head: the part fine-tuning unfreezes."""
-        blocks = list(self.net._blocks)
-        return blocks[len(blocks) // 2 :] + [self.net._conv_head, self.net._bn1]
+        """The second half of the blocks in use (and the head): the part fine-tuning unfreezes."""
+        blocks = list(self.net._blocks)[: self.num_blocks]
+        head = [self.net._conv_head, self.net._bn1] if self.feature_stride == 32 else []
+        return blocks[len(blocks) // 2 :] + head
 
 
 class Encoder(nn.Module):
@@ -101,18 +122,17 @@ class Encoder(nn.Module):
     normalisation itself, so every caller preprocesses the same way.
     """
 
-    def __init__(self, name="resnet50", encoded_image_size=14, pretrained=True, weights_path=None):
+    def __init__(self, name="resnet50", encoded_image_size=14, pretrained=True, weights_path=None, feature_stride=32):
         super().__init__()
-        if name not in ENCODERS:
-            raise UserError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
         self.name = name
-        self.encoder_dim, mean, std = ENCODERS[name]
+        self.encoder_dim = encoder_dim(name, feature_stride)
+        _, mean, std = ENCODERS[name]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if name == "efficientnet_lite0":
-            self.backbone = _LiteFeatures(pretrained, weights_path)
+            self.backbone = _LiteFeatures(pretrained, weights_path, feature_stride)
         else:
-            self.backbone = _resnet_backbone(name, pretrained, weights_path)
+            self.backbone = _resnet_backbone(name, pretrained, weights_path, feature_stride)
         # 0 keeps the backbone's own grid; otherwise pool to a fixed size (14 x 14 in the paper's setup)
         self.pool = nn.AdaptiveAvgPool2d(encoded_image_size) if encoded_image_size else nn.Identity()
         self.backbone.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
@@ -261,12 +281,14 @@ def build_encoder(config, pretrained=None):
     if pretrained is None:
         pretrained = config.get("pretrained", True)
     return Encoder(config["encoder"], config["encoded_size"], pretrained=pretrained,
-                   weights_path=config.get("encoder_weights") if pretrained else None)
+                   weights_path=config.get("encoder_weights") if pretrained else None,
+                   feature_stride=config.get("feature_stride", 32))
 
 
 def build_decoder(config, vocab_size):
     return DecoderWithAttention(config["attention_dim"], config["emb_dim"], config["decoder_dim"], vocab_size,
-                                encoder_dim=ENCODERS[config["encoder"]][0], dropout=config["dropout"])
+                                encoder_dim=encoder_dim(config["encoder"], config.get("feature_stride", 32)),
+                                dropout=config["dropout"])
 
 
 def load_model(checkpoint, device="cpu"):

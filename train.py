@@ -26,20 +26,23 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dataset import CaptionDataset, ImageDataset, find_data_name
-from decoding import decode_batches
+from decoding import beam_search, decode_batches, sample_captions
 from eval import reference_sentences
-from metrics import score_captions
+from metrics import CiderD, score_captions
 from models import build_decoder, build_encoder
 from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, pick_device, read_json, run_cli,
                    save_checkpoint, write_json)
 
-MODEL_KEYS = ("encoder", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
+MODEL_KEYS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
               "decoder_dim", "dropout")
 # `python train.py` with no --data-folder: a CPU-sized run on the built-in shapes set
-SHAPES_DEMO = {"data_folder": os.path.join("data", "shapes"), "encoder": "efficientnet_lite0", "encoded_size": 0,
-               "emb_dim": 128, "attention_dim": 128, "decoder_dim": 256, "dropout": 0.2, "epochs": 12,
-               "batch_size": 32, "decoder_lr": 2e-3, "val_beam_size": 1, "out_dir": os.path.join("runs", "shapes")}
-SHAPES_IMAGE_SIZE = 160
+# Stride-16 features (14 x 14 at 224 px) keep attention on the object being named; the doubly stochastic
+# term is off because it pushes attention away from an object once it has been looked at.
+SHAPES_DEMO = {"data_folder": os.path.join("data", "shapes"), "encoder": "efficientnet_lite0", "feature_stride": 16,
+               "encoded_size": 0, "emb_dim": 128, "attention_dim": 128, "decoder_dim": 256, "dropout": 0.2,
+               "epochs": 12, "batch_size": 32, "decoder_lr": 2e-3, "alpha_c": 0.0, "val_beam_size": 1,
+               "out_dir": os.path.join("runs", "shapes")}
+SHAPES_IMAGE_SIZE = 224
 
 
 class TrainingDiverged(UserError):
@@ -53,6 +56,8 @@ def build_parser():
     d.add_argument("--data-name", help="base name of the prepared files (default: the folder's only one)")
     m = p.add_argument_group("model")
     m.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101", "resnet152", "efficientnet_lite0"])
+    m.add_argument("--feature-stride", type=int, default=32, choices=[16, 32],
+                   help="take the CNN's features at stride 32 (last block) or 16 (finer grid, less semantic)")
     m.add_argument("--encoded-size", type=int, default=14, help="pool features to this grid (0: keep the CNN's own)")
     m.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random encoder weights")
     m.add_argument("--encoder-weights", help="load the encoder's ImageNet weights from this file")
@@ -79,6 +84,14 @@ def build_parser():
                    help="frozen encoder: keep features in RAM, in an HDF5 file in --out-dir, or recompute them")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int, help="stop each epoch after this many batches (quick trials)")
+    t.add_argument("--max-minutes", type=float, help="training budget: no epoch starts that would end past it")
+    s = p.add_argument_group("self-critical sequence training (after cross-entropy)")
+    s.add_argument("--scst", action="store_true", help="fine-tune the decoder to maximise CIDEr-D (needs --resume)")
+    s.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
+    s.add_argument("--scst-baseline", default="greedy", choices=["greedy", "mean"],
+                   help="reward baseline: the greedy caption's CIDEr-D, or the mean of the other samples")
+    s.add_argument("--scst-lr", type=float, default=5e-5, help="decoder learning rate during SCST")
+    s.add_argument("--scst-max-len", type=int, default=20, help="longest sampled caption")
     v = p.add_argument_group("validation")
     v.add_argument("--val-beam-size", type=int, default=1, help="beam size of the VAL BLEU-4 decoding")
     v.add_argument("--max-decode-len", type=int, default=50)
@@ -294,6 +307,61 @@ def optimisation_step(run, loss):
     # <<< TODO 6
 
 
+def scst_one_epoch(run, epoch):
+    """Self-critical sequence training (Rennie et al., 2017): REINFORCE with the CIDEr-D of sampled
+    captions as reward and the greedy caption's CIDEr-D (or the other samples' mean) as baseline."""
+    decoder, args, n = run.decoder, run.args, run.args.scst_samples
+    order = epoch_order(len(run.train_cache), epoch, args.seed, run.rank, run.world)  # image indices
+    total = math.ceil(len(order) / args.batch_size)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    losses, rewards, baselines, seen, reward_seconds, start = AverageMeter(), AverageMeter(), AverageMeter(), 0, 0.0, time.time()
+    bar = tqdm(range(total), desc=f"SCST epoch {epoch}", unit="batch", dynamic_ncols=True)
+    for step in bar:
+        images = order[step * args.batch_size : (step + 1) * args.batch_size]  # (batch,) image indices
+        features = run.train_cache[images].float().to(run.device)  # (batch, num_pixels, encoder_dim)
+        decoder.train()
+        with run.autocast():
+            tokens, log_probs, mask = sample_captions(decoder, features, run.word_map, n, args.scst_max_len)  # (batch * n, steps) x3
+        tic = time.time()
+        keys = images.repeat_interleave(n).tolist()  # the image of each sample
+        sampled = [sentence(run, row) for row in tokens.tolist()]
+        reward = torch.tensor(run.cider.scores(keys, sampled)).view(-1, n)  # (batch, n)
+        baseline = scst_baseline(run, features, images, reward)  # (batch, n)
+        reward_seconds += time.time() - tic
+        advantage = (reward - baseline).view(-1, 1).to(run.device)  # (batch * n, 1)
+        loss = -(advantage * log_probs * mask).sum() / mask.sum()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"SCST loss became {loss.item()} at epoch {epoch}, batch {step}: stopped; "
+                                   f"{os.path.join(run.out_dir, 'last.pt')} is intact; try a lower --scst-lr")
+        optimisation_step(run, loss)
+        losses.update(loss.item(), len(images))
+        rewards.update(reward.mean().item(), len(images))
+        baselines.update(baseline.mean().item(), len(images))
+        seen += len(images)
+        bar.set_postfix(reward=f"{rewards.avg:.3f}", img_s=f"{seen / (time.time() - start):.0f}")
+    seconds = time.time() - start
+    return {"loss": losses.avg, "reward": rewards.avg, "baseline": baselines.avg,
+            "img_per_s": seen / seconds, "reward_share": reward_seconds / seconds}
+
+
+def sentence(run, token_ids):
+    return " ".join(run.rev_word_map[i] for i in token_ids if i not in (0, run.word_map["<end>"]))
+
+
+def scst_baseline(run, features, images, reward):
+    """(batch, n) baseline for each sample's reward."""
+    n = reward.shape[1]
+    if run.args.scst_baseline == "mean":  # leave-one-out mean of the other samples
+        return (reward.sum(1, keepdim=True) - reward) / (n - 1)
+    run.decoder.eval()
+    with torch.no_grad(), run.autocast():
+        greedy = beam_search(run.decoder, features, run.word_map, 1, run.args.scst_max_len, constrained=True)
+    run.decoder.train()
+    captions = [" ".join(run.rev_word_map[i] for i in g["tokens"]) for g in greedy]
+    return torch.tensor(run.cider.scores(images.tolist(), captions)).view(-1, 1).expand(-1, n)
+
+
 @torch.no_grad()
 def validate(run):
     """VAL teacher-forced loss and top-5 accuracy, and BLEU-1..4 of free-running beam decoding."""
@@ -313,8 +381,8 @@ def validate(run):
         top5s.update(top5_accuracy(scores, targets), len(targets))
     # <<< TODO 7
     hyps = decode_split(run, encoder, decoder, "VAL")
-    bleu = score_captions(run.val_refs, hyps, metrics=("Bleu",), quiet=True)
-    return {"val_loss": losses.avg, "val_top5": top5s.avg, **{f"val_{k}": v for k, v in bleu.items()}}
+    scores = score_captions(run.val_refs, hyps, metrics=("Bleu", "CIDEr"), quiet=True)
+    return {"val_loss": losses.avg, "val_top5": top5s.avg, **{f"val_{k}": v for k, v in scores.items()}}
 
 
 def decode_split(run, encoder, decoder, split):
@@ -328,7 +396,8 @@ def decode_split(run, encoder, decoder, split):
     with run.autocast():
         hyps = decode_batches(encoder, decoder, batches, run.word_map, run.args.val_beam_size,
                               run.args.max_decode_len, device=run.device, desc=f"decoding {split}",
-                              features_given=features_given)
+                              features_given=features_given,
+                              constrained=run.config.get("constrained_decoding", False))
     return {i: " ".join(decode_tokens(h["tokens"], run.rev_word_map, run.word_map)) for i, h in hyps.items()}
 
 
@@ -361,7 +430,8 @@ def checkpoint_state(run, epoch):
         "encoder": run.encoder.state_dict(), "decoder": unwrap(run.decoder).state_dict(),
         "decoder_optimizer": run.decoder_opt.state_dict(),
         "encoder_optimizer": run.encoder_opt.state_dict() if run.encoder_opt else None,
-        "scaler": run.scaler.state_dict(), "best_bleu4": run.best_bleu4,
+        "scaler": run.scaler.state_dict(), "phase": run.phase, "select_on": run.select_on,
+        "best_score": run.best_score,
         "epochs_since_improvement": run.epochs_since_improvement, "history": run.history,
         "rng": rng_state(), "data_folder": run.data_folder, "data_name": run.data_name,
         "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
@@ -387,11 +457,12 @@ def plot_curves(history, path):
     axes[0].plot(epochs, [h["loss"] for h in history], "o-", label="train")
     axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
     axes[0].set_title("loss")
-    axes[1].plot(epochs, [h["top5"] for h in history], "o-", label="train")
+    axes[1].plot(epochs, [h.get("top5", float("nan")) for h in history], "o-", label="train")
     axes[1].plot(epochs, [h["val_top5"] for h in history], "o-", label="val")
     axes[1].set_title("top-5 accuracy (%)")
-    axes[2].plot(epochs, [h.get("val_Bleu_4", 0) for h in history], "o-", color="C2", label="val")
-    axes[2].set_title("BLEU-4 (free-running decoding)")
+    axes[2].plot(epochs, [h.get("val_Bleu_4", 0) for h in history], "o-", color="C2", label="val BLEU-4")
+    axes[2].plot(epochs, [h.get("val_CIDEr", 0) / 10 for h in history], "o-", color="C3", label="val CIDEr / 10")
+    axes[2].set_title("free-running decoding")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -448,6 +519,11 @@ def setup_run(args):
         run.config = {k: getattr(args, k) for k in MODEL_KEYS}
     run.word_map, run.rev_word_map = word_map, {v: k for k, v in word_map.items()}
     run.fine_tune = args.fine_tune_encoder
+    run.phase = "scst" if args.scst else ("xe_fine_tune" if run.fine_tune else "xe")
+    run.select_on = "CIDEr" if args.scst else "Bleu_4"
+    if args.scst:
+        check_scst_options(args, run.world)
+        run.config = dict(run.config, constrained_decoding=True)  # decode as it was trained
 
     run.encoder = build_encoder(run.config, pretrained=checkpoint is None and run.config["pretrained"]).to(run.device)
     run.decoder = build_decoder(run.config, len(word_map)).to(run.device)
@@ -456,7 +532,7 @@ def setup_run(args):
         run.decoder.load_state_dict(checkpoint["decoder"])
     run.encoder.fine_tune(run.fine_tune)
 
-    run.decoder_opt = torch.optim.Adam(run.decoder.parameters(), lr=args.decoder_lr)
+    run.decoder_opt = torch.optim.Adam(run.decoder.parameters(), lr=args.scst_lr if args.scst else args.decoder_lr)
     run.encoder_opt = torch.optim.Adam([p for p in run.encoder.parameters() if p.requires_grad],
                                        lr=args.encoder_lr) if run.fine_tune else None
     run.optimizers = [o for o in (run.decoder_opt, run.encoder_opt) if o is not None]
@@ -464,7 +540,7 @@ def setup_run(args):
                                 if p.requires_grad]
     setup_precision(run, args.amp)
 
-    run.start_epoch, run.best_bleu4, run.epochs_since_improvement, run.history = 0, -1.0, 0, []
+    run.start_epoch, run.best_score, run.epochs_since_improvement, run.history = 0, -1.0, 0, []
     if checkpoint is not None:
         restore_training_state(run, checkpoint)
 
@@ -478,15 +554,26 @@ def setup_run(args):
     return run
 
 
+def check_scst_options(args, world):
+    if not args.resume:
+        raise UserError("--scst continues a cross-entropy model: give it with --resume CHECKPOINT")
+    if args.fine_tune_encoder or args.cache == "off" or world > 1:
+        raise UserError("--scst trains the decoder alone on cached features, in one process "
+                        "(no --fine-tune-encoder, --cache off or torchrun)")
+    if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
+        raise UserError("--scst-samples must be at least 1 (at least 2 with --scst-baseline mean)")
+
+
 def restore_training_state(run, checkpoint):
-    same_phase = (checkpoint["encoder_optimizer"] is not None) == run.fine_tune
-    if same_phase:  # a new phase (frozen -> fine-tuning) starts with fresh optimisers
+    same_phase = checkpoint["phase"] == run.phase
+    if same_phase:  # a new phase (frozen -> fine-tuning -> SCST) starts with fresh optimisers
         run.decoder_opt.load_state_dict(checkpoint["decoder_optimizer"])
         if run.encoder_opt is not None:
             run.encoder_opt.load_state_dict(checkpoint["encoder_optimizer"])
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
-    run.best_bleu4 = checkpoint["best_bleu4"]
+    # a new selection metric (BLEU-4 -> CIDEr for SCST) starts a new "best"
+    run.best_score = checkpoint["best_score"] if checkpoint["select_on"] == run.select_on else -1.0
     run.epochs_since_improvement = checkpoint["epochs_since_improvement"] if same_phase else 0
     run.history = list(checkpoint["history"])
 
@@ -517,6 +604,9 @@ def setup_data(run):
             cache = FeatureCache(run.encoder, run.data_folder, run.data_name, split, run.device, 32,
                                  args.workers, path)
             setattr(run, "train_cache" if split == "TRAIN" else "val_cache", cache)
+    if args.scst:
+        refs = reference_sentences(run.data_folder, run.data_name, "TRAIN", len(run.train_set) // run.train_set.cpi)
+        run.cider = CiderD(refs)  # document frequencies from TRAIN references, once
 
 
 # ---------------------------------------------------------------------------
@@ -526,10 +616,10 @@ def setup_data(run):
 
 def end_of_epoch(run, epoch, stats):
     """Select on VAL BLEU-4, adjust the LR, save checkpoints and logs. Returns True to stop early."""
-    bleu4 = stats.get("val_Bleu_4", 0.0)
-    improved = bleu4 > run.best_bleu4
+    score = stats.get(f"val_{run.select_on}", 0.0)
+    improved = score > run.best_score
     if improved:
-        run.best_bleu4, run.epochs_since_improvement = bleu4, 0
+        run.best_score, run.epochs_since_improvement = score, 0
     else:
         run.epochs_since_improvement += 1
         if run.epochs_since_improvement % run.args.lr_patience == 0:
@@ -544,25 +634,34 @@ def end_of_epoch(run, epoch, stats):
     if improved:
         save_checkpoint(os.path.join(run.out_dir, "best.pt"), state)
     write_logs(run.out_dir, run.history)
-    print(f"epoch {epoch}: loss {stats['loss']:.3f}, top-5 {stats['top5']:.1f}%, val loss {stats['val_loss']:.3f}, "
-          f"val top-5 {stats['val_top5']:.1f}%, val BLEU-4 {bleu4:.4f}{' (best)' if improved else ''}, "
+    train_part = f"reward {stats['reward']:.3f}" if "reward" in stats else f"top-5 {stats['top5']:.1f}%"
+    print(f"epoch {epoch}: loss {stats['loss']:.3f}, {train_part}, val loss {stats['val_loss']:.3f}, "
+          f"val top-5 {stats['val_top5']:.1f}%, val BLEU-4 {stats.get('val_Bleu_4', 0):.4f}, "
+          f"val CIDEr {stats.get('val_CIDEr', 0):.4f}{' (best ' + run.select_on + ')' if improved else ''}, "
           f"{stats['img_per_s']:.0f} img/s")
     return run.epochs_since_improvement >= run.args.early_stop
 
 
 def train(run):
     tensorboard = open_tensorboard(run) if run.rank == 0 else None
+    start = time.time()
     for epoch in range(run.start_epoch, run.args.epochs):
-        stats = train_one_epoch(run, epoch)
+        epoch_start = time.time()
+        stats = (scst_one_epoch if run.args.scst else train_one_epoch)(run, epoch)
         stop = False
         if run.rank == 0:
             stats.update(validate(run))
+            stats["minutes"] = (time.time() - start) / 60
             stop = end_of_epoch(run, epoch, stats)
             if tensorboard is not None:
                 for key, value in stats.items():
                     tensorboard.add_scalar(key, value, epoch)
+            if stop:
+                print(f"no improvement for {run.args.early_stop} epochs: stopping early")
+            elif run.args.max_minutes and (time.time() - start + time.time() - epoch_start) / 60 > run.args.max_minutes:
+                print(f"another epoch would pass --max-minutes {run.args.max_minutes:g}: stopping")
+                stop = True
         if broadcast(stop, run.world):
-            print(f"no improvement for {run.args.early_stop} epochs: stopping early")
             break
 
 

@@ -88,7 +88,7 @@ def attention_figure(picture, words, alphas, grid, columns=5):
     n = max(len(words), 1)
     rows = (n + columns - 1) // columns
     cols = min(columns, n)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows * h / w + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, rows * (2.6 * h / w + 0.45) + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, word in enumerate(words):

@@ -2,7 +2,7 @@
 import torch
 from tqdm import tqdm
 
-from utils import END, START, UNK
+from utils import END, PAD, START, UNK
 
 # Words a caption must not end on: self-critical training learns to stop after them ("a man with a")
 BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
@@ -14,9 +14,10 @@ def bad_ending_ids(word_map):
 
 
 def constrain(log_probs, previous, word_map, bad_ids):
-    """Forbid <end> right after a bad-ending word, and any word twice in a row ("a a a").
-    log_probs (rows, vocab), previous (rows,) the last word of each row."""
+    """Forbid <end> right after a bad-ending word, any word twice in a row ("a a a"), and <pad> or
+    <start> as a word. log_probs (rows, vocab), previous (rows,) the last word of each row."""
     end = word_map[END]
+    log_probs[:, [word_map[PAD], word_map[START]]] = float("-inf")
     after_bad = torch.isin(previous, bad_ids.to(previous.device))  # (rows,)
     log_probs[after_bad, end] = float("-inf")
     repeat = previous != word_map[START]  # (rows,)
@@ -85,10 +86,11 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         keep = _still_searching(scores, images, best, n_finished, k, length_penalty)  # (live,) bool
         if t == max_len - 1 or not keep.any():
             break
-        if not keep.all():  # drop finished images from the batch so they cost nothing
+        scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))  # finished images stop searching
+        if (~keep).sum() * 4 >= len(keep):  # drop them from the batch once they are a quarter of it:
             rows = (keep.nonzero().view(-1, 1) * k + torch.arange(k, device=device)).view(-1)  # (kept * k,)
-            features, projected, h, c = features[rows], projected[rows], h[rows], c[rows]
-            seqs, alpha_seqs = seqs[rows], alpha_seqs[rows]
+            features, projected, h, c = features[rows], projected[rows], h[rows], c[rows]  # copying is costly,
+            seqs, alpha_seqs = seqs[rows], alpha_seqs[rows]  # so not at every step
             scores, word, images = scores[keep], word[keep], images[keep]
         words = word.view(-1)  # (live * k,)
 

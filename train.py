@@ -30,7 +30,7 @@ from decoding import beam_search, decode_batches, sample_captions
 from eval import reference_sentences
 from metrics import CiderD, score_captions
 from models import build_decoder, build_encoder
-from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, pick_device, read_json, run_cli,
+from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, peak_rss_mb, pick_device, read_json, run_cli,
                    save_checkpoint, write_json)
 
 MODEL_KEYS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
@@ -453,20 +453,32 @@ def plot_curves(history, path):
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    xe = [h for h in history if "reward" not in h]  # cross-entropy epochs (SCST epochs log a reward instead)
+    scst = [h for h in history if "reward" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot([h["epoch"] for h in xe], [h["loss"] for h in xe], "o-", label="train")
     axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    axes[0].set_title("loss")
-    axes[1].plot(epochs, [h.get("top5", float("nan")) for h in history], "o-", label="train")
+    axes[0].set_title("cross-entropy loss")
+    axes[1].plot([h["epoch"] for h in xe], [h["top5"] for h in xe], "o-", label="train")
     axes[1].plot(epochs, [h["val_top5"] for h in history], "o-", label="val")
     axes[1].set_title("top-5 accuracy (%)")
     axes[2].plot(epochs, [h.get("val_Bleu_4", 0) for h in history], "o-", color="C2", label="val BLEU-4")
-    axes[2].plot(epochs, [h.get("val_CIDEr", 0) / 10 for h in history], "o-", color="C3", label="val CIDEr / 10")
     axes[2].set_title("free-running decoding")
+    cider = axes[2].twinx()
+    cider.plot(epochs, [h.get("val_CIDEr", 0) for h in history], "s-", color="C3", label="val CIDEr (right)")
+    if scst:
+        cider.plot([h["epoch"] for h in scst], [h["reward"] for h in scst], "--", color="C4",
+                   label="SCST train reward (right)")
+        for ax in axes:
+            ax.axvline(scst[0]["epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0].legend()
+    axes[1].legend()
+    lines = axes[2].get_legend_handles_labels()
+    more = cider.get_legend_handles_labels()
+    axes[2].legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -652,6 +664,7 @@ def train(run):
         if run.rank == 0:
             stats.update(validate(run))
             stats["minutes"] = (time.time() - start) / 60
+            stats["peak_rss_mb"] = peak_rss_mb()
             stop = end_of_epoch(run, epoch, stats)
             if tensorboard is not None:
                 for key, value in stats.items():

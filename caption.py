@@ -15,7 +15,7 @@ import torch
 
 from decoding import beam_search
 from models import load_model
-from utils import ImageLoadError, UserError, decode_tokens, load_checkpoint, load_image, open_rgb, pick_device, run_cli
+from utils import ImageLoadError, UserError, load_checkpoint, load_image, open_rgb, pick_device, run_cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

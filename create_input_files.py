@@ -18,7 +18,6 @@ import sys
 import time
 
 import h5py
-import numpy as np
 from tqdm import tqdm
 
 from utils import (END, PAD, START, UNK, ImageLoadError, UserError, data_base_name, load_image,

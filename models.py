@@ -150,7 +150,10 @@ class Encoder(nn.Module):
         for p in self.parameters():
             p.requires_grad = False
         if enabled:
-            later = self.backbone.later_blocks() if self.name == "efficientnet_lite0" else list(self.backbone.children())[5:]
+            if self.name == "efficientnet_lite0":
+                later = self.backbone.later_blocks()
+            else:
+                later = list(self.backbone.children())[5:]  # layer2, layer3 (and layer4)
             for module in later:
                 for p in module.parameters():
                     p.requires_grad = True

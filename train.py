@@ -10,11 +10,11 @@ only run the decoder. Models are selected on VAL BLEU-4 from free-running (beam)
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
-import sys
 import time
 
 import h5py
@@ -30,8 +30,8 @@ from decoding import beam_search, decode_batches, sample_captions
 from eval import reference_sentences
 from metrics import CiderD, score_captions
 from models import build_decoder, build_encoder
-from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, peak_rss_mb, pick_device, read_json, run_cli,
-                   save_checkpoint, write_json)
+from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, peak_rss_mb, pick_device, read_json,
+                   run_cli, save_checkpoint)
 
 MODEL_KEYS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
               "decoder_dim", "dropout")
@@ -243,9 +243,11 @@ def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
     #       penalty = mean over batch and pixels of (1 - sum over steps of alpha) ** 2.
     # Paper: eq. (14) L = -log p(y|x) + lambda * sum_i (1 - sum_t alpha_ti) ** 2
     features = inputs.float() if cached else encoder(inputs)  # (batch, num_pixels, encoder_dim)
-    scores, captions, decode_lengths, alphas, _ = decoder(features, captions, caplens)  # (batch, steps, vocab), ..., (batch, steps, num_pixels)
+    # scores (batch, steps, vocab), captions sorted by length, decode_lengths (batch,), alphas (batch, steps, num_pixels)
+    scores, captions, decode_lengths, alphas, _ = decoder(features, captions, caplens)
     targets = captions[:, 1 : scores.shape[1] + 1]  # (batch, steps): the word after each input word
-    mask = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < decode_lengths.unsqueeze(1)  # (batch, steps)
+    steps = torch.arange(scores.shape[1], device=scores.device)  # (steps,)
+    mask = steps.unsqueeze(0) < decode_lengths.unsqueeze(1)  # (batch, steps): True on real words
     scores, targets = scores[mask], targets[mask]  # (n, vocab), (n,)
     cross_entropy = F.cross_entropy(scores.float(), targets)
     # every pixel should receive about one unit of attention over the whole caption
@@ -264,20 +266,20 @@ def train_one_epoch(run, epoch):
     encoder, decoder = run.encoder, run.decoder
     decoder.train()
     encoder.train(run.fine_tune)
-    order = epoch_order(len(run.train_set), epoch, run.args.seed, run.rank, run.world)
+    order = epoch_order(len(run.train_set), epoch, run.args.seed, run.rank, run.world)  # (captions,) this rank's
     batches = caption_batches(run.train_set, order, run.args.batch_size, run.train_cache, run.args.workers)
     total = math.ceil(len(order) / run.args.batch_size)
     if run.args.max_steps:
         total = min(total, run.args.max_steps)
     losses, top5s, seen, start = AverageMeter(), AverageMeter(), 0, time.time()
-    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="batch", disable=run.rank != 0, dynamic_ncols=True)
+    bar = tqdm(itertools.islice(batches, total), total=total, desc=f"epoch {epoch}", unit="batch",
+               disable=run.rank != 0, dynamic_ncols=True)
     for step, (inputs, captions, caplens) in enumerate(bar):
-        if step >= total:
-            break
-        inputs, captions, caplens = inputs.to(run.device), captions.to(run.device), caplens.to(run.device)
+        inputs = inputs.to(run.device)  # (batch, num_pixels, encoder_dim) cached features or (batch, 3, S, S) images
+        captions, caplens = captions.to(run.device), caplens.to(run.device)  # (batch, max_len + 2), (batch,)
         with run.autocast():
             loss, scores, targets = compute_loss(encoder, decoder, inputs, captions, caplens,
-                                                 run.train_cache is not None, run.args.alpha_c)
+                                                 run.train_cache is not None, run.args.alpha_c)  # (), (n, vocab), (n,)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at epoch {epoch}, batch {step}: stopped. The last good checkpoint "
@@ -315,7 +317,8 @@ def scst_one_epoch(run, epoch):
     total = math.ceil(len(order) / args.batch_size)
     if args.max_steps:
         total = min(total, args.max_steps)
-    losses, rewards, baselines, seen, reward_seconds, start = AverageMeter(), AverageMeter(), AverageMeter(), 0, 0.0, time.time()
+    losses, rewards, baselines = AverageMeter(), AverageMeter(), AverageMeter()
+    seen, reward_seconds, start = 0, 0.0, time.time()
     bar = tqdm(range(total), desc=f"SCST epoch {epoch}", unit="batch", dynamic_ncols=True)
     for step in bar:
         images = order[step * args.batch_size : (step + 1) * args.batch_size]  # (batch,) image indices
@@ -373,10 +376,11 @@ def validate(run):
     #       with run.val_cache; update the meters with len(targets) as the weight.
     for inputs, captions, caplens in caption_batches(run.val_set, order, run.args.batch_size, run.val_cache,
                                                      run.args.workers):
-        inputs, captions, caplens = inputs.to(run.device), captions.to(run.device), caplens.to(run.device)
+        inputs = inputs.to(run.device)  # (batch, num_pixels, encoder_dim) cached features or (batch, 3, S, S) images
+        captions, caplens = captions.to(run.device), caplens.to(run.device)  # (batch, max_len + 2), (batch,)
         with run.autocast():
             loss, scores, targets = compute_loss(encoder, decoder, inputs, captions, caplens,
-                                                 run.val_cache is not None, run.args.alpha_c)
+                                                 run.val_cache is not None, run.args.alpha_c)  # (), (n, vocab), (n,)
         losses.update(loss.item(), len(targets))
         top5s.update(top5_accuracy(scores, targets), len(targets))
     # <<< TODO 7

@@ -262,3 +262,11 @@ def test_two_process_ddp_on_cpu(prepared, tmp_path):
     assert state["epoch"] == 1 and len(state["history"]) == 2
     assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "log.jsonl"]  # rank 0 wrote, once
     assert result.stdout.count("epoch 1: loss") == 1
+
+
+def test_disk_feature_cache_matches_ram_cache(prepared, tmp_path):
+    common = ["--data-folder", prepared[0], *TINY_MODEL, "--epochs", "2"]
+    train.main([*common, "--out-dir", str(tmp_path / "ram")])
+    train.main([*common, "--out-dir", str(tmp_path / "disk"), "--cache", "disk"])
+    assert os.path.exists(tmp_path / "disk" / "features_TRAIN_rank0.hdf5")
+    assert _epoch_losses(str(tmp_path / "disk")) == _epoch_losses(str(tmp_path / "ram"))

@@ -47,34 +47,31 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     device = features.device
 
     projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
+    # the first step starts from one hypothesis per image, <start>; from then on each image has k beams
     h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
-    # every beam of an image starts from the same state: repeat rows k times
-    features = features.repeat_interleave(k, dim=0)  # (batch * k, num_pixels, encoder_dim)
-    projected = projected.repeat_interleave(k, dim=0)  # (batch * k, num_pixels, attention_dim)
-    h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)  # 2 x (batch * k, decoder_dim)
-    words = torch.full((batch * k,), start, dtype=torch.long, device=device)  # (batch * k,)
-    scores = torch.full((batch, k), float("-inf"), device=device)  # (batch, k)
-    scores[:, 0] = 0.0  # only one beam is alive at first, so the k first words are all different
-    seqs = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (batch * k, t)
-    alpha_seqs = features.new_empty(batch * k, 0, num_pixels)  # (batch * k, t, num_pixels)
+    words = torch.full((batch,), start, dtype=torch.long, device=device)  # (batch,)
+    scores = torch.zeros(batch, 1, device=device)  # (batch, 1)
+    seqs = torch.empty(batch, 0, dtype=torch.long, device=device)  # (batch, t)
+    alpha_seqs = features.new_empty(batch, 0, num_pixels)  # (batch, t, num_pixels)
     images = torch.arange(batch, device=device)  # original image of each live row block
     bad_ids = bad_ending_ids(word_map) if constrained else None
     best = [None] * batch
     n_finished = [0] * batch
 
     for t in range(max_len):  # at most max_len words, <end> included
-        live = len(images)
-        embedded = decoder.embedding(words)  # (live * k, embed_dim)
-        h, c, alpha = decoder.step(embedded, h, c, features, projected)  # (live * k, decoder_dim) x2, (live * k, num_pixels)
-        log_probs = torch.log_softmax(decoder.word_scores(h).float(), dim=1)  # (live * k, vocab)
+        live, beams = scores.shape  # beams is 1 at the first step, k after
+        embedded = decoder.embedding(words)  # (live * beams, embed_dim)
+        h, c, alpha = decoder.step(embedded, h, c, features, projected)  # 2 x (live * beams, decoder_dim),
+        #                                                                  (live * beams, num_pixels)
+        log_probs = torch.log_softmax(decoder.word_scores(h).float(), dim=1)  # (live * beams, vocab)
         if suppress_unk:
             log_probs[:, unk] = float("-inf")
         if constrained:
             log_probs = constrain(log_probs, words, word_map, bad_ids)
-        candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k * vocab)
+        candidates = (scores.view(-1, 1) + log_probs).view(live, beams * vocab)  # (live, beams * vocab)
         scores, flat = candidates.topk(k, dim=1)  # (live, k), (live, k)
         beam, word = flat // vocab, flat % vocab  # (live, k) each: source beam, new word
-        rows = (torch.arange(live, device=device).unsqueeze(1) * k + beam).view(-1)  # (live * k,)
+        rows = (torch.arange(live, device=device).unsqueeze(1) * beams + beam).view(-1)  # (live * k,)
         seqs = torch.cat([seqs[rows], word.view(-1, 1)], dim=1)  # (live * k, t + 1)
         alpha_seqs = torch.cat([alpha_seqs[rows], alpha[rows].unsqueeze(1)], dim=1)  # (live * k, t + 1, num_pixels)
         h, c = h[rows], c[rows]  # (live * k, decoder_dim) x2
@@ -86,12 +83,11 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         keep = _still_searching(scores, images, best, n_finished, k, length_penalty)  # (live,) bool
         if t == max_len - 1 or not keep.any():
             break
-        scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))  # finished images stop searching
-        if (~keep).sum() * 4 >= len(keep):  # drop them from the batch once they are a quarter of it:
+        if not keep.all():  # finished images leave the batch, so they cost nothing from now on
             rows = (keep.nonzero().view(-1, 1) * k + torch.arange(k, device=device)).view(-1)  # (kept * k,)
-            features, projected, h, c = features[rows], projected[rows], h[rows], c[rows]  # copying is costly,
-            seqs, alpha_seqs = seqs[rows], alpha_seqs[rows]  # so not at every step
-            scores, word, images = scores[keep], word[keep], images[keep]
+            features, projected = features[keep], projected[keep]  # (kept, num_pixels, ...)
+            h, c, seqs, alpha_seqs = h[rows], c[rows], seqs[rows], alpha_seqs[rows]  # (kept * k, ...)
+            scores, word, images = scores[keep], word[keep], images[keep]  # (kept, k), (kept, k), (kept,)
         words = word.view(-1)  # (live * k,)
 
     _fill_unfinished(scores, seqs, alpha_seqs, images, best, length_penalty, k)
@@ -148,8 +144,7 @@ def sample_captions(decoder, features, word_map, samples_per_image, max_len=20):
     bad_ids = bad_ending_ids(word_map)
     projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
     h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
-    features, projected = features.repeat_interleave(n, 0), projected.repeat_interleave(n, 0)  # (batch * n, ...)
-    h, c = h.repeat_interleave(n, 0), c.repeat_interleave(n, 0)  # 2 x (batch * n, decoder_dim)
+    h, c = h.repeat_interleave(n, 0), c.repeat_interleave(n, 0)  # 2 x (batch * n, decoder_dim): samples share features
     words = torch.full((len(h),), word_map[START], dtype=torch.long, device=h.device)  # (batch * n,)
     finished = torch.zeros(len(h), dtype=torch.bool, device=h.device)  # (batch * n,)
     tokens, log_probs, mask = [], [], []

@@ -89,7 +89,7 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
               "num_images": len(images), "decode_seconds": seconds, "results": []}
     for k in beam_sizes:
         sentences = {i: " ".join(decode_tokens(h["tokens"], rev_word_map, word_map)) for i, h in hyps[k].items()}
-        scores = score_captions(refs, sentences)
+        scores = score_captions(refs, sentences, quiet=k != beam_sizes[0])  # skip notes once, not per beam
         captions = [{"image_id": info[i]["image_id"], "file_name": info[i]["file_name"], "caption": sentences[i]}
                     for i in sorted(sentences)]
         report["results"].append({"beam_size": k, "scores": scores, "captions": captions})

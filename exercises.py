@@ -422,23 +422,25 @@ def check_caption_dataset(folder):
 
 
 def attention_by_hand(attention, features, projected, h):
-    """Eqs. (4)-(6) one image and one pixel at a time: e_i = w . relu(projected_i + W_h h + b_h),
-    alpha = softmax_i(e), context = sum_i alpha_i a_i."""
+    """Eqs. (4)-(6) one hypothesis and one pixel at a time: e_i = w . relu(projected_i + W_h h + b_h),
+    alpha = softmax_i(e), context = sum_i alpha_i a_i. Row r of h belongs to image r // beams."""
     import torch
 
     W_h = attention.decoder_att.weight  # (attention_dim, decoder_dim)
     b_h = attention.decoder_att.bias  # (attention_dim,)
     w = attention.full_att.weight[0]  # (attention_dim,)
+    beams = h.shape[0] // features.shape[0]
     contexts, alphas = [], []
-    for b in range(features.shape[0]):
-        query = W_h @ h[b] + b_h  # (attention_dim,)
+    for r in range(h.shape[0]):
+        b = r // beams  # the image this hypothesis describes
+        query = W_h @ h[r] + b_h  # (attention_dim,)
         e = torch.stack([w @ torch.clamp(projected[b, i] + query, min=0)
                          for i in range(features.shape[1])])  # (num_pixels,)
         weights = torch.exp(e - e.max())  # (num_pixels,), shifted so exp cannot overflow
         alpha = weights / weights.sum()  # (num_pixels,)
         contexts.append(sum(alpha[i] * features[b, i] for i in range(features.shape[1])))  # (encoder_dim,)
         alphas.append(alpha)
-    return torch.stack(contexts), torch.stack(alphas)  # (batch, encoder_dim), (batch, num_pixels)
+    return torch.stack(contexts), torch.stack(alphas)  # (rows, encoder_dim), (rows, num_pixels)
 
 
 def check_attention(folder):
@@ -479,6 +481,25 @@ def check_attention(folder):
                           [("features", features), ("projected", projected), ("h", h),
                            ("decoder_att.weight", attention.decoder_att.weight),
                            ("full_att.weight", attention.full_att.weight)], "the attention")
+    check_attention_with_beams(attention, features.detach(), projected.detach())
+
+
+def check_attention_with_beams(attention, features, projected):
+    """Beam search passes several hypotheses per image: h has batch * beams rows, features only batch."""
+    import torch
+
+    beams = 2
+    h = torch.randn(features.shape[0] * beams, attention.decoder_att.in_features)  # (batch * beams, decoder_dim)
+    try:
+        context, alpha = attention(features, projected, h)  # (batch * beams, encoder_dim), (batch * beams, num_pixels)
+    except RuntimeError as error:
+        raise CheckFailed(f"attention fails when h has {beams} rows per image (beam search does this): "
+                          f"{str(error).splitlines()[0]}")
+    wanted_context, wanted_alpha = attention_by_hand(attention, features, projected, h)
+    expect(tuple(alpha.shape) == tuple(wanted_alpha.shape) and close(alpha, wanted_alpha, 1e-5)
+           and close(context, wanted_context, 1e-5),
+           f"with {beams} hypotheses per image (h of batch * {beams} rows, the rows of one image adjacent), "
+           f"row r must attend over image r // {beams}")
 
 
 # ---------------------------------------------------------------------------

@@ -191,15 +191,22 @@ class Attention(nn.Module):
 
     def forward(self, features, projected, h):
         """features (batch, num_pixels, encoder_dim), projected (batch, num_pixels, attention_dim),
-        h (batch, decoder_dim) -> context (batch, encoder_dim), alpha (batch, num_pixels)."""
+        h (batch * beams, decoder_dim) -> context (batch * beams, encoder_dim), alpha (batch * beams, num_pixels).
+
+        h may hold several hypotheses per image (beams > 1 in beam search and self-critical sampling),
+        the rows of one image adjacent. They share that image's features, which are never copied."""
         # TODO 2 >>> Soft attention: score every pixel against h, softmax over pixels, weighted sum of features.
-        # Hint: relu(projected + W_h h) -> full_att -> softmax(dim=1); then bmm(alpha, features).
+        # Hint: view W_h h as (batch, beams, 1, attention_dim) so it broadcasts against projected.unsqueeze(1);
+        #       relu -> full_att -> softmax over pixels; then bmm(alpha, features). In training beams is 1.
         # Paper: eq. (4) e_ti = f_att(a_i, h_{t-1}), eq. (5) alpha_ti = softmax_i(e_ti), eq. (6) z_t = sum_i alpha_ti a_i
-        query = self.decoder_att(h).unsqueeze(1)  # (batch, 1, attention_dim)
-        scores = self.full_att(torch.relu(projected + query)).squeeze(2)  # (batch, num_pixels)
-        alpha = torch.softmax(scores, dim=1)  # (batch, num_pixels), sums to 1 over pixels
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (batch, encoder_dim)
-        return context, alpha
+        batch, num_pixels, attention_dim = projected.shape
+        query = self.decoder_att(h).view(batch, -1, 1, attention_dim)  # (batch, beams, 1, attention_dim)
+        hidden = (projected.unsqueeze(1) + query).relu_()  # (batch, beams, num_pixels, attention_dim); in place:
+        # this is the largest tensor of a step, and writing a second copy of it is slow
+        scores = self.full_att(hidden).squeeze(3)  # (batch, beams, num_pixels)
+        alpha = torch.softmax(scores, dim=2)  # (batch, beams, num_pixels), sums to 1 over pixels
+        context = torch.bmm(alpha, features)  # (batch, beams, encoder_dim)
+        return context.flatten(0, 1), alpha.flatten(0, 1)  # (batch * beams, encoder_dim), (batch * beams, num_pixels)
         # <<< TODO 2
 
 
@@ -226,8 +233,9 @@ class DecoderWithAttention(nn.Module):
         return self.init_h(mean_feature), self.init_c(mean_feature)  # 2 x (batch, decoder_dim)
 
     def step(self, embedded, h, c, features, projected):
-        """One time step. embedded (batch, embed_dim) is the previous word; returns the new
-        h, c (batch, decoder_dim) and this step's attention alpha (batch, num_pixels)."""
+        """One time step. embedded (rows, embed_dim) is the previous word, h and c (rows, decoder_dim),
+        features and projected (batch, num_pixels, ...) with rows = batch * beams (see Attention).
+        Returns the new h, c (rows, decoder_dim) and this step's attention alpha (rows, num_pixels)."""
         # TODO 3 >>> One decoder step: attend, gate the context with beta, feed [word; context] to the LSTM cell.
         # Hint: beta = sigmoid(f_beta(h)); lstm input = cat([embedded, beta * context], dim=1).
         # Paper: section 4.2.1, phi(a, alpha) = beta_t * sum_i alpha_ti a_i with beta_t = sigmoid(f_beta(h_{t-1}))

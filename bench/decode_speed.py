@@ -36,11 +36,42 @@ def model_and_features(args):
     return decoder, torch.randn(args.images, 49, 1280), word_map
 
 
+class StepCounter:
+    """Counts the hypothesis-steps (rows x steps) a search computes, by wrapping decoder.step."""
+
+    def __init__(self, decoder):
+        self.rows, self.step = 0, decoder.step
+        decoder.step = self
+
+    def __call__(self, embedded, *state):
+        self.rows += len(embedded)
+        return self.step(embedded, *state)
+
+
 def rate(decoder, features, word_map, beam, batch):
     start = time.time()
     for s in range(0, len(features), batch):
         beam_search(decoder, features[s : s + batch], word_map, beam, 50)
     return len(features) / (time.time() - start)
+
+
+def macs_per_row_step(decoder, num_pixels):
+    """Multiply-adds of one decoder step for one hypothesis: the matrix products of models.py."""
+    att, lstm, fc = decoder.attention, decoder.decode_step, decoder.fc
+    encoder_dim, attention_dim = att.encoder_att.in_features, att.encoder_att.out_features
+    return (att.decoder_att.weight.numel() + decoder.f_beta.weight.numel() + lstm.weight_ih.numel()
+            + lstm.weight_hh.numel() + fc.weight.numel() + num_pixels * (attention_dim + encoder_dim))
+
+
+def matmul_gflops(decoder, rows=1000, repeats=10):
+    """What this CPU sustains at best on the step's largest product, the LSTM input matmul, with many rows."""
+    weight = decoder.decode_step.weight_ih.detach()  # (4 * decoder_dim, embed_dim + encoder_dim)
+    x = torch.randn(rows, weight.shape[1])  # (rows, embed_dim + encoder_dim)
+    x @ weight.T  # warm-up
+    start = time.time()
+    for _ in range(repeats):
+        x @ weight.T  # (rows, 4 * decoder_dim)
+    return 2 * rows * weight.numel() * repeats / (time.time() - start) / 1e9
 
 
 def main():
@@ -50,18 +81,30 @@ def main():
     p.add_argument("--data-name")
     p.add_argument("--split", default="VAL")
     p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
     args = p.parse_args()
     decoder, features, word_map = model_and_features(args)
     print(f"{len(features)} images, {features.shape[1]} pixels x {features.shape[2]} features, "
           f"{torch.get_num_threads()} threads, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random model'}")
     print(f"{'beam':>4s} {'batched img/s':>14s} {'one-by-one img/s':>17s} {'speed-up':>9s}")
+    results = []
     for beam in args.beams:
+        counter = StepCounter(decoder)
         batched = rate(decoder, features, word_map, beam, args.batch_size)
+        decoder.step = counter.step
         single = rate(decoder, features, word_map, beam, 1)
+        results.append((beam, batched, single, counter.rows / len(features)))
         print(f"{beam:4d} {batched:14.1f} {single:17.1f} {batched / single:8.1f}x")
     print(f"peak RSS {peak_rss_mb():.0f} MiB")
+
+    # The batched search is bound by matrix products: how fast could it be if they were all it did?
+    macs, gflops = macs_per_row_step(decoder, features.shape[1]), matmul_gflops(decoder)
+    print(f"\none hypothesis-step = {macs / 1e6:.1f} M multiply-adds; this CPU's matmul: {gflops:.0f} GFLOP/s")
+    print(f"{'beam':>4s} {'steps/img':>10s} {'matmul-only img/s':>18s} {'ceiling':>8s}")
+    for beam, batched, single, row_steps in results:
+        ceiling = gflops * 1e9 / (2 * macs * row_steps)
+        print(f"{beam:4d} {row_steps:10.1f} {ceiling:18.1f} {ceiling / single:7.1f}x")
 
 
 if __name__ == "__main__":

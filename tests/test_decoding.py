@@ -103,7 +103,7 @@ class MarkovDecoder(nn.Module):
         return embedded, c, alpha
 
     def word_scores(self, h):
-        return h @ self.log_table
+        return self.log_table[h.argmax(1)]  # (rows, vocab): the previous word's row (a matmul would make 0 * -inf)
 
 
 def _table(rows):
@@ -133,6 +133,8 @@ def test_toy_decoder_best_sequence_is_found():
 
 def test_no_end_returns_the_best_unfinished_caption():
     table = _table({"<start>": {"a": 0.7, "b": 0.3}, "a": {"a": 0.8, "b": 0.2}, "b": {"b": 0.9, "a": 0.1}})
+    table[:, WORD_MAP["<end>"]] = 0.0  # no word, not even an unlikely one, is ever followed by <end>
+    table = table / table.sum(1, keepdim=True)
     hyps = beam_search(MarkovDecoder(table), torch.zeros(3, 4, 3), WORD_MAP, beam_size=3, max_len=6)
     for hyp in hyps:  # the tutorial raises "max() arg is an empty sequence" here
         assert not hyp["finished"] and len(hyp["tokens"]) == 6

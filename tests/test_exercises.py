@@ -130,8 +130,8 @@ def test_student_copy_changes_only_the_solutions(student_copy):
     assert sorted(changed) == sorted(name for name, regions in with_todos.items() if regions)
     with open(os.path.join(student_copy, "models.py")) as f:
         models = f.read()
-    assert "# Hint: relu(projected + W_h h)" in models  # the task stays
-    assert "alpha = torch.softmax(scores, dim=1)" not in models  # the solution goes
+    assert "# Hint: view W_h h as (batch, beams, 1, attention_dim)" in models  # the task stays
+    assert "alpha = torch.softmax(scores, dim=2)" not in models  # the solution goes
 
 
 def test_student_copy_imports_and_runs_outside_the_todos(student_copy):
@@ -150,11 +150,23 @@ def test_student_copy_imports_and_runs_outside_the_todos(student_copy):
 
 def test_softmax_over_the_wrong_dimension_fails_only_todo_2(tmp_path):
     copy = copy_reference(str(tmp_path / "copy"))
-    paste_wrong_solution(copy, 2, "torch.softmax(scores, dim=1)", "torch.softmax(scores, dim=0)")
+    paste_wrong_solution(copy, 2, "torch.softmax(scores, dim=2)", "torch.softmax(scores, dim=1)")
     done = run_exercises("check", copy)
     assert done.returncode == 1, done.stdout + done.stderr
     rows = verdicts(done.stdout)
     assert rows[2][0] == "fail" and "do not sum to 1 over pixels" in rows[2][1], done.stdout
+    assert {n: rows[n] for n in ALL_TODOS if n != 2} == {n: ("pass", "") for n in ALL_TODOS if n != 2}, done.stdout
+
+
+def test_attention_that_ignores_beams_fails_only_todo_2(tmp_path):
+    # one query per row, as if every row were its own image: right in training, wrong in beam search
+    copy = copy_reference(str(tmp_path / "copy"))
+    paste_wrong_solution(copy, 2, "self.decoder_att(h).view(batch, -1, 1, attention_dim)",
+                         "self.decoder_att(h).view(-1, 1, 1, attention_dim)")
+    done = run_exercises("check", copy)
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = verdicts(done.stdout)
+    assert rows[2][0] == "fail" and "2 rows per image" in rows[2][1], done.stdout
     assert {n: rows[n] for n in ALL_TODOS if n != 2} == {n: ("pass", "") for n in ALL_TODOS if n != 2}, done.stdout
 
 

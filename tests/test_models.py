@@ -53,6 +53,18 @@ def test_attention_shapes_and_weights_sum_to_one():
     assert torch.allclose(context, (alpha.unsqueeze(2) * features).sum(1), atol=1e-5)
 
 
+def test_attention_with_several_beams_per_picture_equals_repeating_the_picture():
+    attention = Attention(encoder_dim=24, decoder_dim=20, attention_dim=16)
+    features, h = torch.randn(3, 49, 24), torch.randn(3 * 4, 20)  # 4 hypotheses per picture, adjacent rows
+    context, alpha = attention(features, attention.project_features(features), h)
+    repeated = features.repeat_interleave(4, dim=0)  # (12, 49, 24): what beam search no longer builds
+    one_each = [attention(repeated[r : r + 1], attention.project_features(repeated[r : r + 1]), h[r : r + 1])
+                for r in range(12)]
+    assert context.shape == (12, 24) and alpha.shape == (12, 49)
+    assert torch.allclose(context, torch.cat([c for c, _ in one_each]), atol=1e-5)
+    assert torch.allclose(alpha, torch.cat([a for _, a in one_each]), atol=1e-6)
+
+
 def test_decoder_forward_shapes_and_sorting():
     decoder = _decoder()
     features = torch.randn(4, 9, 24)

@@ -18,10 +18,9 @@ import sys
 import time
 
 import h5py
-from tqdm import tqdm
 
 from utils import (END, PAD, START, UNK, ImageLoadError, UserError, data_base_name, load_image,
-                   read_json, run_cli, tokenize, write_json)
+                   progress, read_json, run_cli, tokenize, write_json)
 
 SPLITS = ("TRAIN", "VAL", "TEST")
 KARPATHY_SPLITS = {"train": "TRAIN", "restval": "TRAIN", "val": "VAL", "test": "TEST"}
@@ -262,8 +261,8 @@ def write_split(split, records, staging, base, args, word_map, problems):
                                    dtype="uint8", chunks=(1, 3, size, size))
         n = 0
         results = _decoded_images([r["path"] for r in records], size, args.workers)
-        for rec, (array, error) in tqdm(zip(records, results), total=len(records), desc=f"{split:5s} images",
-                                        unit="img", file=sys.stdout, dynamic_ncols=True):
+        for rec, (array, error) in progress(zip(records, results), total=len(records), desc=f"{split:5s} images",
+                                        unit="img", file=sys.stdout):
             if error is not None:
                 if args.strict:
                     raise UserError(f"{error} (--strict)")

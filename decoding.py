@@ -1,8 +1,7 @@
 """The one beam search, batched over images x beams, used by train.py, eval.py and caption.py."""
 import torch
-from tqdm import tqdm
 
-from utils import END, PAD, START, UNK
+from utils import END, PAD, START, UNK, progress
 
 # Words a caption must not end on: self-critical training learns to stop after them ("a man with a")
 BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
@@ -173,7 +172,7 @@ def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, l
     features instead of images and the encoder is skipped.
     """
     results = {}
-    for inputs, indices in tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+    for inputs, indices in progress(batches, desc=desc, unit="batch", leave=False):
         inputs = inputs.to(device)
         features = inputs.float() if features_given else encoder(inputs)  # (batch, num_pixels, encoder_dim)
         hyps = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, suppress_unk, constrained)

@@ -12,13 +12,12 @@ import time
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from dataset import CaptionDataset, ImageDataset, find_data_name, load_image_info, load_references
 from decoding import beam_search
 from metrics import SCORE_NAMES, score_captions
 from models import load_model
-from utils import UserError, decode_tokens, load_checkpoint, pick_device, read_json, run_cli, write_json
+from utils import UserError, decode_tokens, load_checkpoint, pick_device, progress, read_json, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -58,7 +57,7 @@ def decode_all(encoder, decoder, images, word_map, beam_sizes, batch_size, devic
     """{beam_size: {image index: hypothesis}}; each batch is encoded once for all beam sizes."""
     results = {k: {} for k in beam_sizes}
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
-    for batch, indices in tqdm(loader, desc="decoding", unit="batch", dynamic_ncols=True):
+    for batch, indices in progress(loader, desc="decoding", unit="batch"):
         features = encoder(batch.to(device))  # (batch, num_pixels, encoder_dim)
         for k in beam_sizes:
             results[k].update(zip(indices.tolist(), beam_search(decoder, features, word_map, k, **search)))

@@ -23,15 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 from dataset import CaptionDataset, ImageDataset, find_data_name
 from decoding import beam_search, decode_batches, sample_captions
 from eval import reference_sentences
 from metrics import CiderD, score_captions
 from models import build_decoder, build_encoder
-from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, peak_rss_mb, pick_device, read_json,
-                   run_cli, save_checkpoint)
+from utils import (AverageMeter, UserError, decode_tokens, load_checkpoint, peak_rss_mb, pick_device, progress,
+                   read_json, run_cli, save_checkpoint)
 
 MODEL_KEYS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
               "decoder_dim", "dropout")
@@ -175,7 +174,7 @@ class FeatureCache:
         loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
         self.file, self.tensor = None, None
         with torch.no_grad(), contextlib.ExitStack() as stack:
-            for batch, indices in tqdm(loader, desc=f"caching {split} features", unit="batch", dynamic_ncols=True):
+            for batch, indices in progress(loader, desc=f"caching {split} features", unit="batch"):
                 feats = encoder(batch.to(device)).half().cpu()  # (batch, num_pixels, encoder_dim)
                 if self.tensor is None and self.file is None:
                     shape = (len(images),) + tuple(feats.shape[1:])
@@ -272,8 +271,8 @@ def train_one_epoch(run, epoch):
     if run.args.max_steps:
         total = min(total, run.args.max_steps)
     losses, top5s, seen, start = AverageMeter(), AverageMeter(), 0, time.time()
-    bar = tqdm(itertools.islice(batches, total), total=total, desc=f"epoch {epoch}", unit="batch",
-               disable=run.rank != 0, dynamic_ncols=True)
+    bar = progress(itertools.islice(batches, total), total=total, desc=f"epoch {epoch}", unit="batch",
+               disable=run.rank != 0)
     for step, (inputs, captions, caplens) in enumerate(bar):
         inputs = inputs.to(run.device)  # (batch, num_pixels, encoder_dim) cached features or (batch, 3, S, S) images
         captions, caplens = captions.to(run.device), caplens.to(run.device)  # (batch, max_len + 2), (batch,)
@@ -288,7 +287,7 @@ def train_one_epoch(run, epoch):
         losses.update(loss.item(), len(targets))
         top5s.update(top5_accuracy(scores, targets), len(targets))
         seen += len(captions)
-        bar.set_postfix(loss=f"{losses.avg:.3f}", img_s=f"{seen / (time.time() - start):.0f}")
+        bar.set_postfix(refresh=False, loss=f"{losses.avg:.3f}", img_s=f"{seen / (time.time() - start):.0f}")
     return {"loss": losses.avg, "top5": top5s.avg, "img_per_s": seen * run.world / (time.time() - start)}
 
 
@@ -319,7 +318,7 @@ def scst_one_epoch(run, epoch):
         total = min(total, args.max_steps)
     losses, rewards, baselines = AverageMeter(), AverageMeter(), AverageMeter()
     seen, reward_seconds, start = 0, 0.0, time.time()
-    bar = tqdm(range(total), desc=f"SCST epoch {epoch}", unit="batch", dynamic_ncols=True)
+    bar = progress(range(total), desc=f"SCST epoch {epoch}", unit="batch")
     for step in bar:
         images = order[step * args.batch_size : (step + 1) * args.batch_size]  # (batch,) image indices
         features = run.train_cache[images].float().to(run.device)  # (batch, num_pixels, encoder_dim)
@@ -342,7 +341,7 @@ def scst_one_epoch(run, epoch):
         rewards.update(reward.mean().item(), len(images))
         baselines.update(baseline.mean().item(), len(images))
         seen += len(images)
-        bar.set_postfix(reward=f"{rewards.avg:.3f}", img_s=f"{seen / (time.time() - start):.0f}")
+        bar.set_postfix(refresh=False, reward=f"{rewards.avg:.3f}", img_s=f"{seen / (time.time() - start):.0f}")
     seconds = time.time() - start
     return {"loss": losses.avg, "reward": rewards.avg, "baseline": baselines.avg,
             "img_per_s": seen / seconds, "reward_share": reward_seconds / seconds}

@@ -9,6 +9,7 @@ import tempfile
 import warnings
 
 import numpy as np
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------
 # Errors: user mistakes end in one line and an exit code, never a traceback.
@@ -216,6 +217,15 @@ def pick_device(name="auto"):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def progress(iterable=None, **options):
+    """A tqdm bar. Written to a log file or CI rather than a terminal, it redraws every 30 s instead of
+    several times a second, so the log stays a readable trace rather than megabytes of bars."""
+    stream = options.get("file") or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        options.setdefault("mininterval", 30)
+    return tqdm(iterable, dynamic_ncols=True, **options)
 
 
 def peak_rss_mb():

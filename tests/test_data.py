@@ -1,4 +1,5 @@
 """create_input_files.py and dataset.py: formats, layout, bad input, loading."""
+import io
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 import create_input_files
 from conftest import BASE, ROOT, make_collection, prepare_args
 from dataset import CaptionDataset, ImageDataset, load_references
-from utils import UserError, load_image
+from utils import UserError, load_image, progress
 
 
 def _prepare(tmp_path, *extra, json_path=None, **collection):
@@ -373,3 +374,13 @@ def test_pixels_are_scaled_once(prepared):
 def test_missing_prepared_files_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match="create_input_files.py"):
         CaptionDataset(str(tmp_path), BASE, "TRAIN")
+
+
+def test_progress_bars_redraw_rarely_when_written_to_a_log(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with open(tmp_path / "log.txt", "w") as log:
+        assert progress(range(3), file=log).mininterval == 30  # a file: one redraw per 30 s
+    assert progress(range(3), file=Terminal()).mininterval < 1  # a terminal: tqdm's lively default

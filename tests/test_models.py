@@ -1,4 +1,5 @@
 """models.py and train.py: shapes, attention, gradients, overfitting, resume, checkpoints, failures, DDP."""
+import math
 import os
 import subprocess
 import sys
@@ -148,6 +149,23 @@ def test_resume_is_exact(prepared, tmp_path):
     train.main([*common, "--epochs", "3", "--out-dir", part, "--resume", os.path.join(part, "last.pt")])
     assert len(_epoch_losses(full)) == 3
     assert _epoch_losses(part) == _epoch_losses(full)  # bit-for-bit, dropout included
+
+
+def test_amp_on_cpu_trains_in_bf16_and_keeps_fp32_weights(prepared, tmp_path, monkeypatch):
+    real, dtypes = train.compute_loss, set()
+
+    def recording(*args, **kwargs):
+        loss, scores, targets = real(*args, **kwargs)
+        dtypes.add(scores.dtype)  # the decoder's word scores, computed inside autocast
+        return loss, scores, targets
+
+    monkeypatch.setattr(train, "compute_loss", recording)
+    out = str(tmp_path / "amp")
+    train.main(["--data-folder", prepared[0], *TINY_MODEL, "--epochs", "1", "--amp", "--out-dir", out])
+    state = load_checkpoint(os.path.join(out, "last.pt"))
+    assert dtypes == {torch.bfloat16}
+    assert math.isfinite(state["history"][0]["loss"])
+    assert all(v.dtype == torch.float32 for v in state["decoder"].values() if v.is_floating_point())
 
 
 def test_checkpoint_holds_only_plain_types(tiny_checkpoint):

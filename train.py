@@ -83,7 +83,9 @@ def build_parser():
                    help="frozen encoder: keep features in RAM, in an HDF5 file in --out-dir, or recompute them")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int, help="stop each epoch after this many batches (quick trials)")
-    t.add_argument("--max-minutes", type=float, help="training budget: no epoch starts that would end past it")
+    t.add_argument("--max-minutes", type=float,
+                   help="wall-time budget from the start of the run (feature caching included): "
+                        "no epoch starts that would end past it")
     s = p.add_argument_group("self-critical sequence training (after cross-entropy)")
     s.add_argument("--scst", action="store_true", help="fine-tune the decoder to maximise CIDEr-D (needs --resume)")
     s.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
@@ -515,6 +517,7 @@ def prepare_demo_data(args, rank, world):
 def setup_run(args):
     run = Run()
     run.args = args
+    run.started = time.time()  # --max-minutes counts from here, so feature caching is inside the budget
     run.rank, run.world, run.device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -674,11 +677,17 @@ def train(run):
                     tensorboard.add_scalar(key, value, epoch)
             if stop:
                 print(f"no improvement for {run.args.early_stop} epochs: stopping early")
-            elif run.args.max_minutes and (time.time() - start + time.time() - epoch_start) / 60 > run.args.max_minutes:
+            elif run.args.max_minutes and out_of_time(run, epoch_start):
                 print(f"another epoch would pass --max-minutes {run.args.max_minutes:g}: stopping")
                 stop = True
         if broadcast(stop, run.world):
             break
+
+
+def out_of_time(run, epoch_start):
+    """Would another epoch as long as the last one end past --max-minutes, counted from the run's start?"""
+    now = time.time()
+    return (now - run.started) + (now - epoch_start) > run.args.max_minutes * 60
 
 
 def open_tensorboard(run):

@@ -3,6 +3,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+import types
 import urllib.error
 
 import pytest
@@ -166,6 +168,22 @@ def test_amp_on_cpu_trains_in_bf16_and_keeps_fp32_weights(prepared, tmp_path, mo
     assert dtypes == {torch.bfloat16}
     assert math.isfinite(state["history"][0]["loss"])
     assert all(v.dtype == torch.float32 for v in state["decoder"].values() if v.is_floating_point())
+
+
+def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(prepared, tmp_path, capsys):
+    out = str(tmp_path / "budget")
+    train.main(["--data-folder", prepared[0], *TINY_MODEL, "--epochs", "5", "--max-minutes", "0.001", "--out-dir", out])
+    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0  # one epoch is longer than 0.06 s
+    assert "another epoch would pass --max-minutes 0.001: stopping" in capsys.readouterr().out
+
+
+def test_the_time_budget_counts_from_the_start_of_the_run():
+    # the run started 40 s ago (feature caching included) and the last epoch took 15 s: 55 s < 60 s ...
+    now = time.time()
+    run = types.SimpleNamespace(started=now - 40, args=types.SimpleNamespace(max_minutes=1))
+    assert not train.out_of_time(run, epoch_start=now - 15)
+    run.started = now - 50  # ... but after 10 s more of caching, another epoch would end at 65 s
+    assert train.out_of_time(run, epoch_start=now - 15)
 
 
 def test_checkpoint_holds_only_plain_types(tiny_checkpoint):

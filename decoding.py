@@ -46,7 +46,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     device = features.device
 
     projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
-    # the first step starts from one hypothesis per image, <start>; from then on each image has k beams
+    # the first step starts from one hypothesis per image, <start>; from then on each image has k beams.
+    # features and projected keep one row per image: an image's beams share them (see Attention.forward)
     h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
     words = torch.full((batch,), start, dtype=torch.long, device=device)  # (batch,)
     scores = torch.zeros(batch, 1, device=device)  # (batch, 1)

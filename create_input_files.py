@@ -262,7 +262,7 @@ def write_split(split, records, staging, base, args, word_map, problems):
         n = 0
         results = _decoded_images([r["path"] for r in records], size, args.workers)
         for rec, (array, error) in progress(zip(records, results), total=len(records), desc=f"{split:5s} images",
-                                        unit="img", file=sys.stdout):
+                                            unit="img", file=sys.stdout):
             if error is not None:
                 if args.strict:
                     raise UserError(f"{error} (--strict)")

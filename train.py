@@ -274,7 +274,7 @@ def train_one_epoch(run, epoch):
         total = min(total, run.args.max_steps)
     losses, top5s, seen, start = AverageMeter(), AverageMeter(), 0, time.time()
     bar = progress(itertools.islice(batches, total), total=total, desc=f"epoch {epoch}", unit="batch",
-               disable=run.rank != 0)
+                   disable=run.rank != 0)
     for step, (inputs, captions, caplens) in enumerate(bar):
         inputs = inputs.to(run.device)  # (batch, num_pixels, encoder_dim) cached features or (batch, 3, S, S) images
         captions, caplens = captions.to(run.device), caplens.to(run.device)  # (batch, max_len + 2), (batch,)

@@ -239,10 +239,10 @@ class DecoderWithAttention(nn.Module):
         # TODO 3 >>> One decoder step: attend, gate the context with beta, feed [word; context] to the LSTM cell.
         # Hint: beta = sigmoid(f_beta(h)); lstm input = cat([embedded, beta * context], dim=1).
         # Paper: section 4.2.1, phi(a, alpha) = beta_t * sum_i alpha_ti a_i with beta_t = sigmoid(f_beta(h_{t-1}))
-        context, alpha = self.attention(features, projected, h)  # (batch, encoder_dim), (batch, num_pixels)
-        gate = torch.sigmoid(self.f_beta(h))  # (batch, encoder_dim)
-        lstm_input = torch.cat([embedded, gate * context], dim=1)  # (batch, embed_dim + encoder_dim)
-        h, c = self.decode_step(lstm_input, (h, c))  # 2 x (batch, decoder_dim)
+        context, alpha = self.attention(features, projected, h)  # (rows, encoder_dim), (rows, num_pixels)
+        gate = torch.sigmoid(self.f_beta(h))  # (rows, encoder_dim)
+        lstm_input = torch.cat([embedded, gate * context], dim=1)  # (rows, embed_dim + encoder_dim)
+        h, c = self.decode_step(lstm_input, (h, c))  # 2 x (rows, decoder_dim)
         return h, c, alpha
         # <<< TODO 3
 

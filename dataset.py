@@ -80,7 +80,7 @@ class CaptionDataset(Dataset):
         return len(self.captions)
 
     def __getitem__(self, i):
-        # TODO 1 >>> Load item i: its image, caption and length (and, outside TRAIN, all of the image's captions).
+        # EXERCISE 1 >>> Load item i: its image, caption and length (and, outside TRAIN, all of the image's captions).
         # Hint: caption i belongs to image i // self.cpi; read the image with self.h5.images()[...] and keep it uint8.
         image = torch.from_numpy(self.h5.images()[i // self.cpi])  # (3, S, S) uint8
         if self.transform is not None:
@@ -92,7 +92,7 @@ class CaptionDataset(Dataset):
         first = (i // self.cpi) * self.cpi
         all_captions = self.captions[first : first + self.cpi]  # (cpi, max_len + 2)
         return image, caption, caplen, all_captions
-        # <<< TODO 1
+        # <<< EXERCISE 1
 
 
 class ImageDataset(Dataset):

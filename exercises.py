@@ -546,7 +546,7 @@ def step_by_hand(decoder, context, embedded, h, c, gated=True):
 
     beta = torch.sigmoid(h @ decoder.f_beta.weight.T + decoder.f_beta.bias)  # (batch, encoder_dim)
     x = torch.cat([embedded, beta * context if gated else context], dim=1)  # (batch, embed_dim + encoder_dim)
-    return lstm_cell_by_hand(decoder.decode_step, x, h, c)
+    return lstm_cell_by_hand(decoder.lstm_cell, x, h, c)
 
 
 def check_decoder_step(folder):
@@ -590,7 +590,7 @@ def check_decoder_step(folder):
     expect_same_gradients((new_h * weights_h).sum() + (new_c * weights_c).sum(),
                           (wanted_h * weights_h).sum() + (wanted_c * weights_c).sum(),
                           [("embedded", embedded), ("h", h), ("c", c), ("f_beta.weight", decoder.f_beta.weight),
-                           ("decode_step.weight_ih", decoder.decode_step.weight_ih)], "the step")
+                           ("lstm_cell.weight_ih", decoder.lstm_cell.weight_ih)], "the step")
 
 
 # ---------------------------------------------------------------------------

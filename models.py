@@ -195,7 +195,7 @@ class Attention(nn.Module):
 
         h may hold several hypotheses per image (beams > 1 in beam search and self-critical sampling),
         the rows of one image adjacent. They share that image's features, which are never copied."""
-        # TODO 2 >>> Soft attention: score every pixel against h, softmax over pixels, weighted sum of features.
+        # EXERCISE 2 >>> Soft attention: score every pixel against h, softmax over pixels, weighted sum of features.
         # Hint: view W_h h as (batch, beams, 1, attention_dim) so it broadcasts against projected.unsqueeze(1);
         #       relu -> full_att -> softmax over pixels; then bmm(alpha, features). In training beams is 1.
         # Paper: eq. (4) e_ti = f_att(a_i, h_{t-1}), eq. (5) alpha_ti = softmax_i(e_ti), eq. (6) z_t = sum_i alpha_ti a_i
@@ -207,7 +207,7 @@ class Attention(nn.Module):
         alpha = torch.softmax(scores, dim=2)  # (batch, beams, num_pixels), sums to 1 over pixels
         context = torch.bmm(alpha, features)  # (batch, beams, encoder_dim)
         return context.flatten(0, 1), alpha.flatten(0, 1)  # (batch * beams, encoder_dim), (batch * beams, num_pixels)
-        # <<< TODO 2
+        # <<< EXERCISE 2
 
 
 class DecoderWithAttention(nn.Module):
@@ -219,7 +219,7 @@ class DecoderWithAttention(nn.Module):
         self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
-        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
+        self.lstm_cell = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
         self.init_h = nn.Linear(encoder_dim, decoder_dim)  # h_0 from the mean feature
         self.init_c = nn.Linear(encoder_dim, decoder_dim)  # c_0 from the mean feature
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate beta_t = sigmoid(f_beta(h_{t-1}))
@@ -227,6 +227,12 @@ class DecoderWithAttention(nn.Module):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the LSTM cell was renamed call it `decode_step`."""
+        for key in [k for k in state_dict if k.startswith(prefix + "decode_step.")]:
+            state_dict[prefix + "lstm_cell." + key[len(prefix + "decode_step."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def init_hidden_state(self, features):
         mean_feature = features.mean(dim=1)  # (batch, encoder_dim)
@@ -236,15 +242,15 @@ class DecoderWithAttention(nn.Module):
         """One time step. embedded (rows, embed_dim) is the previous word, h and c (rows, decoder_dim),
         features and projected (batch, num_pixels, ...) with rows = batch * beams (see Attention).
         Returns the new h, c (rows, decoder_dim) and this step's attention alpha (rows, num_pixels)."""
-        # TODO 3 >>> One decoder step: attend, gate the context with beta, feed [word; context] to the LSTM cell.
+        # EXERCISE 3 >>> One decoder step: attend, gate the context with beta, feed [word; context] to the LSTM cell.
         # Hint: beta = sigmoid(f_beta(h)); lstm input = cat([embedded, beta * context], dim=1).
         # Paper: section 4.2.1, phi(a, alpha) = beta_t * sum_i alpha_ti a_i with beta_t = sigmoid(f_beta(h_{t-1}))
         context, alpha = self.attention(features, projected, h)  # (rows, encoder_dim), (rows, num_pixels)
         gate = torch.sigmoid(self.f_beta(h))  # (rows, encoder_dim)
         lstm_input = torch.cat([embedded, gate * context], dim=1)  # (rows, embed_dim + encoder_dim)
-        h, c = self.decode_step(lstm_input, (h, c))  # 2 x (rows, decoder_dim)
+        h, c = self.lstm_cell(lstm_input, (h, c))  # 2 x (rows, decoder_dim)
         return h, c, alpha
-        # <<< TODO 3
+        # <<< EXERCISE 3
 
     def word_scores(self, h):
         return self.fc(self.dropout(h))  # (..., vocab_size)
@@ -268,7 +274,7 @@ class DecoderWithAttention(nn.Module):
         h, c = self.init_hidden_state(features)  # 2 x (batch, decoder_dim)
         hiddens = features.new_zeros(batch, steps, h.shape[1])  # (batch, steps, decoder_dim)
         alphas = features.new_zeros(batch, steps, num_pixels)  # (batch, steps, num_pixels)
-        # TODO 4 >>> Teacher forcing: at step t feed the true word t to self.step, only for captions still running.
+        # EXERCISE 4 >>> Teacher forcing: at step t feed the true word t to self.step, only for captions still running.
         # Hint: rows are sorted by length, so the first n = (decode_lengths > t).sum() rows are the live ones;
         #       store each step's h in hiddens[:n, t] and alpha in alphas[:n, t].
         active = (decode_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1).tolist()  # rows alive per step
@@ -277,7 +283,7 @@ class DecoderWithAttention(nn.Module):
             h, c, alpha = self.step(embeddings[:n, t], h[:n], c[:n], features[:n], projected[:n])
             hiddens[:n, t] = h  # (n, decoder_dim)
             alphas[:n, t] = alpha  # (n, num_pixels)
-        # <<< TODO 4
+        # <<< EXERCISE 4
         scores = self.word_scores(hiddens)  # (batch, steps, vocab_size), one big matmul after the loop
         return scores, captions, decode_lengths, alphas, sort_ind
 

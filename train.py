@@ -239,7 +239,7 @@ def caption_batches(dataset, order, batch_size, cache, workers):
 def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
     """Teacher-forced cross-entropy plus the doubly stochastic attention regulariser (paper eq. 14).
     Returns (loss, scores (n, vocab), targets (n,)) where n counts the real, unpadded words."""
-    # TODO 5 >>> Teacher forcing loss: run the decoder on the true caption, score each next word, add the attention term.
+    # EXERCISE 5 >>> Teacher forcing loss: run the decoder on the true caption, score each next word, add the attention term.
     # Hint: targets are captions[:, 1:]; skip padded steps (step t is real while t < decode_length);
     #       penalty = mean over batch and pixels of (1 - sum over steps of alpha) ** 2.
     # Paper: eq. (14) L = -log p(y|x) + lambda * sum_i (1 - sum_t alpha_ti) ** 2
@@ -254,7 +254,7 @@ def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
     # every pixel should receive about one unit of attention over the whole caption
     attention_penalty = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # alphas.sum(1): (batch, num_pixels)
     return cross_entropy + alpha_c * attention_penalty, scores, targets
-    # <<< TODO 5
+    # <<< EXERCISE 5
 
 
 def top5_accuracy(scores, targets):
@@ -295,7 +295,7 @@ def train_one_epoch(run, epoch):
 
 def optimisation_step(run, loss):
     """Backpropagate, clip the gradient norm, update every optimiser."""
-    # TODO 6 >>> Backpropagate the loss, clip gradients to run.args.grad_clip, and step every optimiser.
+    # EXERCISE 6 >>> Backpropagate the loss, clip gradients to run.args.grad_clip, and step every optimiser.
     # Hint: zero_grad first; with mixed precision go through run.scaler (scale, unscale_, step, update);
     #       clip over run.trainable_parameters.
     for opt in run.optimizers:
@@ -307,7 +307,7 @@ def optimisation_step(run, loss):
     for opt in run.optimizers:
         run.scaler.step(opt)
     run.scaler.update()
-    # <<< TODO 6
+    # <<< EXERCISE 6
 
 
 def scst_one_epoch(run, epoch):
@@ -372,7 +372,7 @@ def validate(run):
     encoder, decoder = run.encoder.eval(), unwrap(run.decoder).eval()
     losses, top5s = AverageMeter(), AverageMeter()
     order = torch.arange(len(run.val_set))
-    # TODO 7 >>> The validation loop: average the teacher-forced loss and top-5 accuracy over VAL, weighted by words.
+    # EXERCISE 7 >>> The validation loop: average the teacher-forced loss and top-5 accuracy over VAL, weighted by words.
     # Hint: like training but without gradients or optimiser steps; batches come from caption_batches(...)
     #       with run.val_cache; update the meters with len(targets) as the weight.
     for inputs, captions, caplens in caption_batches(run.val_set, order, run.args.batch_size, run.val_cache,
@@ -384,7 +384,7 @@ def validate(run):
                                                  run.val_cache is not None, run.args.alpha_c)  # (), (n, vocab), (n,)
         losses.update(loss.item(), len(targets))
         top5s.update(top5_accuracy(scores, targets), len(targets))
-    # <<< TODO 7
+    # <<< EXERCISE 7
     hyps = decode_split(run, encoder, decoder, "VAL")
     scores = score_captions(run.val_refs, hyps, metrics=("Bleu", "CIDEr"), quiet=True)
     return {"val_loss": losses.avg, "val_top5": top5s.avg, **{f"val_{k}": v for k, v in scores.items()}}

@@ -57,7 +57,7 @@ def rate(decoder, features, word_map, beam, batch):
 
 def macs_per_row_step(decoder, num_pixels):
     """Multiply-adds of one decoder step for one hypothesis: the matrix products of models.py."""
-    att, lstm, fc = decoder.attention, decoder.decode_step, decoder.fc
+    att, lstm, fc = decoder.attention, decoder.lstm_cell, decoder.fc
     encoder_dim, attention_dim = att.encoder_att.in_features, att.encoder_att.out_features
     return (att.decoder_att.weight.numel() + decoder.f_beta.weight.numel() + lstm.weight_ih.numel()
             + lstm.weight_hh.numel() + fc.weight.numel() + num_pixels * (attention_dim + encoder_dim))
@@ -65,7 +65,7 @@ def macs_per_row_step(decoder, num_pixels):
 
 def matmul_gflops(decoder, rows=1000, repeats=10):
     """What this CPU sustains at best on the step's largest product, the LSTM input matmul, with many rows."""
-    weight = decoder.decode_step.weight_ih.detach()  # (4 * decoder_dim, embed_dim + encoder_dim)
+    weight = decoder.lstm_cell.weight_ih.detach()  # (4 * decoder_dim, embed_dim + encoder_dim)
     x = torch.randn(rows, weight.shape[1])  # (rows, embed_dim + encoder_dim)
     x @ weight.T  # warm-up
     start = time.time()

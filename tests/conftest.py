@@ -1,14 +1,12 @@
 """Shared fixtures: a tiny captioned collection made inside the tests, prepared data, a tiny trained model."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pyproject.toml puts it on sys.path
 
 COLORS = {"red": (220, 20, 20), "green": (20, 180, 40), "blue": (30, 60, 230)}
 TINY_MODEL = ["--encoder", "efficientnet_lite0", "--no-pretrained", "--encoded-size", "0", "--emb-dim", "16",
@@ -71,3 +69,50 @@ def tiny_checkpoint(prepared, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     train.main(["--data-folder", prepared[0], "--epochs", "3", "--out-dir", out, "--decoder-lr", "3e-3", *TINY_MODEL])
     return os.path.join(out, "best.pt")
+
+
+def build_toy_word_map(*words):
+    """The layout build_word_map writes: <pad> 0, the words from 1, then <unk>, <start>, <end>."""
+    word_map = {"<pad>": 0, **{w: i for i, w in enumerate(words, 1)}}
+    for token in ("<unk>", "<start>", "<end>"):
+        word_map[token] = len(word_map)
+    return word_map
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: tests ask for these by name instead of importing from this file.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_args():
+    """train.py options for a model small enough to train in seconds."""
+    return list(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def collection_factory():
+    """make_collection(folder, splits=..., size=..., extra_words=...) -> Karpathy JSON path."""
+    return make_collection
+
+
+@pytest.fixture(scope="session")
+def prepare_argv():
+    """prepare_args(json_path, out, *extra, image_size=64) -> create_input_files.py argv."""
+    return prepare_args
+
+
+@pytest.fixture(scope="session")
+def tiny_base_name():
+    return BASE
+
+
+@pytest.fixture(scope="session")
+def toy_word_map():
+    """toy_word_map(*words) -> a word map with these words (build_word_map's layout)."""
+    return build_toy_word_map

@@ -1,27 +1,7 @@
 """The one beam search, batched over images x beams, used by train.py, eval.py and caption.py."""
 import torch
 
-from utils import END, PAD, START, UNK, progress
-
-# Words a caption must not end on: self-critical training learns to stop after them ("a man with a")
-BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
-               "is", "are", "am", "and")
-
-
-def bad_ending_ids(word_map):
-    return torch.tensor([word_map[w] for w in BAD_ENDINGS if w in word_map], dtype=torch.long)
-
-
-def constrain(log_probs, previous, word_map, bad_ids):
-    """Forbid <end> right after a bad-ending word, any word twice in a row ("a a a"), and <pad> or
-    <start> as a word. log_probs (rows, vocab), previous (rows,) the last word of each row."""
-    end = word_map[END]
-    log_probs[:, [word_map[PAD], word_map[START]]] = float("-inf")
-    after_bad = torch.isin(previous, bad_ids.to(previous.device))  # (rows,)
-    log_probs[after_bad, end] = float("-inf")
-    repeat = previous != word_map[START]  # (rows,)
-    log_probs[repeat.nonzero().view(-1), previous[repeat]] = float("-inf")
-    return log_probs
+from utils import END, START, UNK, progress
 
 
 @torch.no_grad()
@@ -54,7 +34,10 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     seqs = torch.empty(batch, 0, dtype=torch.long, device=device)  # (batch, t)
     alpha_seqs = features.new_empty(batch, 0, num_pixels)  # (batch, t, num_pixels)
     images = torch.arange(batch, device=device)  # original image of each live row block
-    bad_ids = bad_ending_ids(word_map) if constrained else None
+    if constrained:  # the decoding rules of self-critical training (imported here: scst.py imports this module)
+        from scst import bad_ending_ids, constrain
+
+        bad_ids = bad_ending_ids(word_map, device)  # (num_bad,)
     best = [None] * batch
     n_finished = [0] * batch
 
@@ -132,36 +115,6 @@ def _still_searching(scores, images, best, n_finished, k, length_penalty):
         else:
             keep.append(True)
     return torch.tensor(keep, dtype=torch.bool, device=scores.device)
-
-
-def sample_captions(decoder, features, word_map, samples_per_image, max_len=20):
-    """Sample captions word by word from the model (with gradients), for self-critical training.
-
-    Returns tokens (batch * n, steps) with 0 after <end>, log_probs (batch * n, steps) of the sampled
-    words, and mask (batch * n, steps), 1 for real words (<end> included). Rows of one image are adjacent.
-    """
-    n, end = samples_per_image, word_map[END]
-    bad_ids = bad_ending_ids(word_map)
-    projected = decoder.attention.project_features(features)  # (batch, num_pixels, attention_dim)
-    h, c = decoder.init_hidden_state(features)  # 2 x (batch, decoder_dim)
-    h, c = h.repeat_interleave(n, 0), c.repeat_interleave(n, 0)  # 2 x (batch * n, decoder_dim): samples share features
-    words = torch.full((len(h),), word_map[START], dtype=torch.long, device=h.device)  # (batch * n,)
-    finished = torch.zeros(len(h), dtype=torch.bool, device=h.device)  # (batch * n,)
-    tokens, log_probs, mask = [], [], []
-    for _ in range(max_len):
-        h, c, _ = decoder.step(decoder.embedding(words), h, c, features, projected)  # (batch * n, decoder_dim) x2
-        scores = decoder.word_scores(h).float()  # (batch * n, vocab)
-        with torch.no_grad():
-            allowed = constrain(torch.zeros_like(scores), words, word_map, bad_ids)  # 0 or -inf
-        step_log_probs = torch.log_softmax(scores + allowed, dim=1)  # (batch * n, vocab)
-        words = torch.multinomial(step_log_probs.detach().exp(), 1).view(-1)  # (batch * n,)
-        tokens.append(words.masked_fill(finished, 0))
-        log_probs.append(step_log_probs.gather(1, words.unsqueeze(1)).view(-1))  # (batch * n,)
-        mask.append(~finished)
-        finished = finished | (words == end)
-        if finished.all():
-            break
-    return torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(mask, 1).float()
 
 
 @torch.no_grad()

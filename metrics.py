@@ -3,9 +3,7 @@
 COCOEvalCap.evaluate() runs SPICE too, which downloads Stanford CoreNLP on first use, so it fails
 offline; here each scorer runs on its own and anything that cannot run is skipped with one line.
 """
-import collections
 import contextlib
-import math
 import os
 import re
 import shutil
@@ -111,66 +109,3 @@ def score_captions(references, hypotheses, metrics=ALL_METRICS, quiet=False):
             why = "no Java" if not java else "it needs Stanford CoreNLP 3.6.0, which it downloads on first use"
             _note(f"note: SPICE skipped ({why})", quiet)
     return scores
-
-
-# ---------------------------------------------------------------------------
-# CIDEr-D for the self-critical reward: document frequencies computed once, from TRAIN references
-# ---------------------------------------------------------------------------
-
-
-def _ngram_counts(words, n=4):
-    counts = collections.Counter()
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i : i + k])] += 1
-    return counts
-
-
-class CiderD:
-    """CIDEr-D as coco-caption computes it (tf-idf n-gram vectors, n = 1..4, hypothesis counts clipped
-    by the reference's, a Gaussian length penalty with sigma 6, times 10), but with the document
-    frequencies fixed once from a reference corpus instead of recomputed from each evaluated set.
-
-    references: {image key: [sentence, ...]} (the training references for SCST).
-    """
-
-    def __init__(self, references, n=4, sigma=6.0):
-        self.n, self.sigma = n, sigma
-        self.df = collections.Counter()
-        for sentences in references.values():
-            self.df.update({g for s in sentences for g in _ngram_counts(s.split(), n)})
-        self.log_num_docs = math.log(float(len(references)))
-        self._refs = {key: [self._vector(s) for s in sentences] for key, sentences in references.items()}
-
-    def _vector(self, sentence):
-        """(tf-idf dict per n, norm per n, length). Length counts bigrams, exactly as coco-caption does."""
-        vec = [dict() for _ in range(self.n)]
-        norm = [0.0] * self.n
-        length = 0
-        for gram, tf in _ngram_counts(sentence.split(), self.n).items():
-            i = len(gram) - 1
-            vec[i][gram] = tf * (self.log_num_docs - math.log(max(1.0, self.df[gram])))
-            norm[i] += vec[i][gram] ** 2
-            if i == 1:
-                length += tf
-        return vec, [math.sqrt(x) for x in norm], length
-
-    def _similarity(self, hyp, ref):
-        (vh, nh, lh), (vr, nr, lr) = hyp, ref
-        penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
-        total = 0.0
-        for i in range(self.n):
-            val = sum(min(w, vr[i].get(g, 0.0)) * vr[i].get(g, 0.0) for g, w in vh[i].items())
-            if nh[i] != 0 and nr[i] != 0:
-                val /= nh[i] * nr[i]
-            total += val * penalty
-        return total / self.n
-
-    def score(self, key, hypothesis, references=None):
-        """CIDEr-D of one hypothesis against the stored references of `key` (or the given ones)."""
-        refs = self._refs[key] if references is None else [self._vector(r) for r in references]
-        hyp = self._vector(hypothesis)
-        return 10.0 * sum(self._similarity(hyp, r) for r in refs) / len(refs)
-
-    def scores(self, keys, hypotheses):
-        return [self.score(k, h) for k, h in zip(keys, hypotheses)]

@@ -22,6 +22,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class TrainingDiverged(UserError):
+    """The loss became inf or NaN: exit code 1, and the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
 def run_cli(main):
     """Run `main()`; turn UserError and Ctrl-C into one line on stderr and an exit code."""
     try:

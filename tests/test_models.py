@@ -287,7 +287,7 @@ def test_demo_preset_applies_only_where_not_given():
     args = train.parse_args([])
     assert args.demo and args.encoder == "efficientnet_lite0" and args.data_folder.endswith("shapes")
     args = train.parse_args(["--epochs", "2", "--no-pretrained"])
-    assert args.epochs == 2 and args.pretrained is False and args.decoder_dim == train.SHAPES_DEMO["decoder_dim"]
+    assert args.epochs == 2 and args.pretrained is False and args.decoder_dim == train.SHAPES_PRESET["decoder_dim"]
     args = train.parse_args(["--data-folder", "x"])
     assert not args.demo and args.encoder == "resnet50" and args.decoder_dim == 512 and args.decoder_lr == 4e-4
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 import train
 from conftest import TINY_MODEL
-from decoding import beam_search, constrain, bad_ending_ids, sample_captions
-from metrics import CiderD
+from decoding import beam_search
+from scst import CiderD, bad_ending_ids, constrain, sample_captions
 from models import DecoderWithAttention
 from utils import load_checkpoint
 
@@ -64,7 +64,7 @@ WORD_MAP = {"<pad>": 0, "a": 1, "dog": 2, "with": 3, "<unk>": 4, "<start>": 5, "
 def test_constraints_block_bad_endings_and_repeats():
     log_probs = torch.zeros(3, 7)  # (rows, vocab)
     previous = torch.tensor([5, 3, 2])  # <start>, "with", "dog"
-    out = constrain(log_probs, previous, WORD_MAP, bad_ending_ids(WORD_MAP))
+    out = constrain(log_probs, previous, WORD_MAP, bad_ending_ids(WORD_MAP, previous.device))
     assert torch.isinf(out[1, 6]) and torch.isinf(out[1, 3])  # no <end> after "with", no "with with"
     assert torch.isinf(out[2, 2]) and not torch.isinf(out[2, 6])  # no "dog dog"; "dog <end>" is fine
     assert torch.isinf(out[:, [0, 5]]).all()  # <pad> and <start> are never words

@@ -1,0 +1,65 @@
+"""Figures saved as PNG files (never shown on screen): training curves, and caption.py's attention panels."""
+import os
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, so figures work without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    """Write `fig` to `path` atomically (a crash never leaves half a PNG) and free it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------
+
+
+def plot_curves(history, path):
+    """Loss, top-5 accuracy, BLEU-4 and CIDEr per epoch (and the SCST reward), side by side, as a PNG."""
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    xe = [h for h in history if "reward" not in h]  # cross-entropy epochs (SCST epochs log a reward instead)
+    scst = [h for h in history if "reward" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot([h["epoch"] for h in xe], [h["loss"] for h in xe], "o-", label="train")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    axes[0].set_title("cross-entropy loss")
+    axes[1].plot([h["epoch"] for h in xe], [h["top5"] for h in xe], "o-", label="train")
+    axes[1].plot(epochs, [h["val_top5"] for h in history], "o-", label="val")
+    axes[1].set_title("top-5 accuracy (%)")
+    axes[2].plot(epochs, [h.get("val_Bleu_4", 0) for h in history], "o-", color="C2", label="val BLEU-4")
+    axes[2].set_title("free-running decoding")
+    cider = axes[2].twinx()
+    cider.plot(epochs, [h.get("val_CIDEr", 0) for h in history], "s-", color="C3", label="val CIDEr (right)")
+    if scst:
+        cider.plot([h["epoch"] for h in scst], [h["reward"] for h in scst], "--", color="C4",
+                   label="SCST train reward (right)")
+        for ax in axes:
+            ax.axvline(scst[0]["epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    lines = axes[2].get_legend_handles_labels()
+    more = cider.get_legend_handles_labels()
+    axes[2].legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)

@@ -13,7 +13,8 @@ import torch
 
 from decoding import beam_search
 from features import epoch_order
-from utils import END, PAD, START, AverageMeter, TrainingDiverged, UserError, decode_tokens, progress
+from utils import (END, PAD, START, AverageMeter, TrainingDiverged, UserError, decode_tokens, positive_float,
+                   positive_int, progress)
 
 
 # ---------------------------------------------------------------------------
@@ -142,6 +143,17 @@ class CiderD:
 # ---------------------------------------------------------------------------
 # One SCST epoch
 # ---------------------------------------------------------------------------
+
+
+def add_scst_options(parser):
+    """train.py's options for this phase."""
+    s = parser.add_argument_group("self-critical sequence training (after cross-entropy; see scst.py)")
+    s.add_argument("--scst", action="store_true", help="fine-tune the decoder to maximise CIDEr-D (needs --resume)")
+    s.add_argument("--scst-samples", type=positive_int, default=5, help="sampled captions per image")
+    s.add_argument("--scst-baseline", default="greedy", choices=["greedy", "mean"],
+                   help="reward baseline: the greedy caption's CIDEr-D, or the mean of the other samples")
+    s.add_argument("--scst-lr", type=positive_float, default=5e-5, help="decoder learning rate during SCST")
+    s.add_argument("--scst-max-len", type=positive_int, default=20, help="longest sampled caption")
 
 
 def check_scst_options(args, world):

@@ -1,4 +1,5 @@
-"""The built-in synthetic "shapes" dataset: coloured shapes on a 3x3 grid, with template captions.
+"""The built-in synthetic "shapes" dataset: coloured shapes on a 3x3 grid, with template captions,
+and the preset of the demo run that `python train.py` makes on it.
 
 It writes PNG images and a Karpathy-format JSON (plus each object's bounding box), so that
 create_input_files.py prepares it by exactly the same path as Flickr8k or COCO.
@@ -10,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import write_json
+from utils import data_base_name, write_json
 
 CANVAS = 160  # pixels; the prepared images are resized to --image-size anyway
 GRID = 3  # objects sit in the cells of a GRID x GRID layout
@@ -129,3 +130,43 @@ def load_boxes(json_path):
                 for o in img["objects"]]
         boxes[os.path.join(img["filepath"], img["filename"])] = objs
     return boxes
+
+
+# ---------------------------------------------------------------------------
+# The demo run: what `python train.py` does with no --data-folder
+# ---------------------------------------------------------------------------
+
+# A CPU-sized run on the built-in shapes set. These replace train.py's
+# defaults; options typed on the command line still win. Stride-16 features (14 x 14 at 224 px) keep
+# attention on the object being named; the doubly stochastic term is off because it pushes attention away
+# from an object once it has been looked at.
+PRESET = {"data_folder": os.path.join("data", "shapes"), "encoder": "efficientnet_lite0", "feature_stride": 16,
+          "encoded_size": 0, "emb_dim": 128, "attention_dim": 128, "decoder_dim": 256, "dropout": 0.2,
+          "epochs": 12, "batch_size": 32, "decoder_lr": 2e-3, "alpha_c": 0.0, "val_beam_size": 1,
+          "out_dir": os.path.join("runs", "shapes")}
+IMAGE_SIZE = 224  # the prepared images' side
+
+
+def prepare_demo_data(data_folder, rank):
+    """Prepare data/shapes once (on rank 0). Returns the prepared files' base name."""
+    name = data_base_name("shapes", 5, 5)
+    if not os.path.exists(os.path.join(data_folder, f"WORDMAP_{name}.json")) and rank == 0:
+        print(f"No prepared data in {data_folder}: preparing the built-in shapes set first.")
+        import create_input_files
+
+        create_input_files.prepare(create_input_files.parse_args(
+            ["--dataset", "shapes", "--output-folder", data_folder, "--image-size", str(IMAGE_SIZE),
+             "--image-folder", os.path.join("data", "shapes_raw")]))
+    return name
+
+
+def finish_demo(run):
+    """Evaluate the best shapes model on TEST and say what to try next."""
+    from eval import evaluate
+
+    best = os.path.join(run.out_dir, "best.pt")
+    evaluate(best, run.data_folder, run.data_name, "TEST", [run.args.test_beam_size], batch_size=64,
+             device=run.device, out=os.path.join(run.out_dir, "test_results.json"))
+    example = os.path.join("data", "shapes_raw", "images", "shapes_01750.png")
+    print(f"\nNext, caption an image and draw its attention:\n  python caption.py --checkpoint {best} "
+          f"--img {example} --out attention.png")

@@ -33,22 +33,18 @@ from eval import reference_sentences
 from features import FeatureCache, caption_batches, epoch_order, loader_options, to_device
 from figures import plot_curves
 from metrics import score_captions
-from models import build_decoder, build_encoder
-from scst import CiderD, check_scst_options, scst_one_epoch
-from utils import (AverageMeter, TrainingDiverged, UserError, atomic_path, data_base_name, decode_tokens, load_checkpoint,
-                   peak_rss_mb, pick_device, progress, read_json, run_cli, save_checkpoint)
+from models import build_decoder, build_encoder, load_weights
+import shapes
+from scst import CiderD, add_scst_options, check_scst_options, scst_one_epoch
+from utils import (MODEL_KEYS, AverageMeter, TrainingDiverged, UserError, atomic_path, broadcast, decode_tokens,
+                   disk_errors, folder_lock, load_checkpoint, non_negative_float, non_negative_int, peak_rss_mb,
+                   positive_float, positive_int, prepared_name, probability, progress, read_json, remove_leftovers,
+                   rng_state, run_cli, save_checkpoint, set_rng_state, setup_distributed, writable_dir)
 
-MODEL_KEYS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim", "attention_dim",
-              "decoder_dim", "dropout")
-# `python train.py` with no --data-folder: a CPU-sized run on the built-in shapes set. These replace the
-# defaults below; options typed on the command line still win. Stride-16 features (14 x 14 at 224 px) keep
-# attention on the object being named; the doubly stochastic term is off because it pushes attention away
-# from an object once it has been looked at.
-SHAPES_PRESET = {"data_folder": os.path.join("data", "shapes"), "encoder": "efficientnet_lite0", "feature_stride": 16,
-                 "encoded_size": 0, "emb_dim": 128, "attention_dim": 128, "decoder_dim": 256, "dropout": 0.2,
-                 "epochs": 12, "batch_size": 32, "decoder_lr": 2e-3, "alpha_c": 0.0, "val_beam_size": 1,
-                 "out_dir": os.path.join("runs", "shapes")}
-SHAPES_IMAGE_SIZE = 224
+CONFIG_OPTIONS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim",
+                  "attention_dim", "decoder_dim", "dropout")  # the options that shape the model: kept in its config
+TRAINING_KEYS = ("epoch", "phase", "select_on", "best_score", "epochs_since_improvement", "history", "rng",
+                 "decoder_optimizer", "encoder_optimizer", "scaler")  # what --resume needs beyond the model
 
 
 # ---------------------------------------------------------------------------
@@ -65,48 +61,48 @@ def build_parser():
     m.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101", "resnet152", "efficientnet_lite0"])
     m.add_argument("--feature-stride", type=int, default=32, choices=[16, 32],
                    help="take the CNN's features at stride 32 (last block) or 16 (finer grid, less semantic)")
-    m.add_argument("--encoded-size", type=int, default=14, help="pool features to this grid (0: keep the CNN's own)")
+    m.add_argument("--encoded-size", type=non_negative_int, default=14, help="pool features to this grid (0: keep the CNN's own)")
     m.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random encoder weights")
     m.add_argument("--encoder-weights", help="load the encoder's ImageNet weights from this file")
-    m.add_argument("--emb-dim", type=int, default=512)
-    m.add_argument("--attention-dim", type=int, default=512)
-    m.add_argument("--decoder-dim", type=int, default=512)
-    m.add_argument("--dropout", type=float, default=0.5)
+    m.add_argument("--emb-dim", type=positive_int, default=512)
+    m.add_argument("--attention-dim", type=positive_int, default=512)
+    m.add_argument("--decoder-dim", type=positive_int, default=512)
+    m.add_argument("--dropout", type=probability, default=0.5)
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=120)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--decoder-lr", type=float, default=4e-4)
-    t.add_argument("--encoder-lr", type=float, default=1e-4)
-    t.add_argument("--grad-clip", type=float, default=5.0)
-    t.add_argument("--alpha-c", type=float, default=1.0, help="weight of the doubly stochastic attention term")
-    t.add_argument("--lr-patience", type=int, default=8, help="decay the LR after this many epochs without improvement")
-    t.add_argument("--lr-decay", type=float, default=0.8)
-    t.add_argument("--early-stop", type=int, default=20, help="stop after this many epochs without improvement")
+    t.add_argument("--epochs", type=positive_int, default=120)
+    t.add_argument("--batch-size", type=positive_int, default=32)
+    t.add_argument("--decoder-lr", type=positive_float, default=4e-4)
+    t.add_argument("--encoder-lr", type=positive_float, default=1e-4)
+    t.add_argument("--grad-clip", type=positive_float, default=5.0)
+    t.add_argument("--alpha-c", type=non_negative_float, default=1.0, help="weight of the doubly stochastic attention term")
+    t.add_argument("--lr-patience", type=positive_int, default=8, help="decay the LR after this many epochs without improvement")
+    t.add_argument("--lr-decay", type=positive_float, default=0.8)
+    t.add_argument("--early-stop", type=positive_int, default=20, help="stop after this many epochs without improvement")
     t.add_argument("--fine-tune-encoder", action="store_true", help="also train the encoder's later blocks")
     t.add_argument("--resume", help="checkpoint to continue from")
     t.add_argument("--amp", action="store_true", help="mixed precision: fp16 with a GradScaler on CUDA, bf16 elsewhere")
     t.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    t.add_argument("--workers", type=int, default=2, help="DataLoader workers (images are read from HDF5)")
+    t.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (images are read from HDF5)")
     t.add_argument("--cache", default="ram", choices=["ram", "disk", "off"],
-                   help="frozen encoder: keep features in memory, in an HDF5 file in --out-dir, or recompute them")
+                   help="frozen encoder: keep features in memory, in an HDF5 file in --cache-dir (reused by later "
+                        "runs with the same encoder, weights and data), or recompute them")
+    t.add_argument("--cache-dir", help="where --cache disk files go (default: cache/ in --data-folder, "
+                                       "or in --out-dir if that folder is read-only)")
+    t.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="what the frozen encoder computes in; auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
+                        "else fp32")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-steps", type=int, help="stop each epoch after this many batches (quick trials)")
-    t.add_argument("--max-minutes", type=float,
+    t.add_argument("--max-steps", type=positive_int, help="stop each epoch after this many batches (quick trials)")
+    t.add_argument("--max-minutes", type=positive_float,
                    help="wall-time budget from the start of the run (feature caching included): "
                         "no epoch starts that would end past it")
-    s = p.add_argument_group("self-critical sequence training (after cross-entropy; see scst.py)")
-    s.add_argument("--scst", action="store_true", help="fine-tune the decoder to maximise CIDEr-D (needs --resume)")
-    s.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
-    s.add_argument("--scst-baseline", default="greedy", choices=["greedy", "mean"],
-                   help="reward baseline: the greedy caption's CIDEr-D, or the mean of the other samples")
-    s.add_argument("--scst-lr", type=float, default=5e-5, help="decoder learning rate during SCST")
-    s.add_argument("--scst-max-len", type=int, default=20, help="longest sampled caption")
     v = p.add_argument_group("validation")
-    v.add_argument("--val-beam-size", type=int, default=1, help="beam size of the VAL BLEU-4 decoding")
-    v.add_argument("--max-decode-len", type=int, default=50)
-    v.add_argument("--test-beam-size", type=int, default=3, help="shapes demo: beam size of the final TEST evaluation")
+    v.add_argument("--val-beam-size", type=positive_int, default=1, help="beam size of the VAL BLEU-4 decoding")
+    v.add_argument("--max-decode-len", type=positive_int, default=50)
+    v.add_argument("--test-beam-size", type=positive_int, default=3, help="shapes demo: beam size of the final TEST evaluation")
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", help="where checkpoints and logs go (default: runs/DATA_NAME)")
+    add_scst_options(p)
     return p
 
 
@@ -116,7 +112,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.demo = args.data_folder is None
     if args.demo:
-        parser.set_defaults(**SHAPES_PRESET)
+        parser.set_defaults(**shapes.PRESET)
         args = parser.parse_args(argv)
         args.demo = True
     return args
@@ -171,27 +167,6 @@ class RunState:
 # ---------------------------------------------------------------------------
 
 
-def setup_distributed(device_name):
-    """(rank, world, device): one process per GPU under torchrun; plain single-process otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, pick_device(device_name)
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-
-
-def broadcast(value, world):
-    """Rank 0's value, on every rank."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def precision(device, amp):
     """(autocast dtype or None, use a GradScaler?): fp16 with loss scaling on CUDA, which every CUDA GPU
     runs fast; bf16 elsewhere, whose float32-sized exponent needs no scaling."""
@@ -200,35 +175,25 @@ def precision(device, amp):
     return (torch.float16, True) if device.type == "cuda" else (torch.bfloat16, False)
 
 
-def prepare_demo_data(args, rank, world):
-    """The shapes demo: prepare data/shapes once."""
-    name = data_base_name("shapes", 5, 5)
-    if not os.path.exists(os.path.join(args.data_folder, f"WORDMAP_{name}.json")) and rank == 0:
-        print(f"No prepared data in {args.data_folder}: preparing the built-in shapes set first.")
-        import create_input_files
-
-        create_input_files.prepare(create_input_files.parse_args(
-            ["--dataset", "shapes", "--output-folder", args.data_folder, "--image-size", str(SHAPES_IMAGE_SIZE),
-             "--image-folder", os.path.join("data", "shapes_raw")]))
-    if world > 1:
-        dist.barrier()
-    return name
-
-
-def setup_run(args):
+def setup_run(args, stack):
+    """Build everything a run holds. `stack` (an ExitStack) keeps the output folder locked until the run ends."""
     started = time.time()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # image batches have one fixed shape: tune once
-    data_name = prepare_demo_data(args, rank, world) if args.demo else (
-        args.data_name or find_data_name(args.data_folder))
-    word_map = read_json(os.path.join(args.data_folder, f"WORDMAP_{data_name}.json"))
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if args.demo:
+        data_name = shapes.prepare_demo_data(args.data_folder, rank)
+        if world > 1:  # the other ranks wait until rank 0 has prepared it
+            dist.barrier()
+    else:
+        data_name = args.data_name or find_data_name(args.data_folder)
+    word_map = read_json(os.path.join(args.data_folder, prepared_name("WORDMAP", data_name)))
+    checkpoint = load_checkpoint(args.resume, MODEL_KEYS + TRAINING_KEYS) if args.resume else None
     if checkpoint is not None and checkpoint["word_map"] != word_map:
         raise UserError(f"{args.resume} was trained with another word map than {args.data_folder}'s; "
                         "prepare the data with --word-map from that run")
-    config = dict(checkpoint["config"]) if checkpoint else {k: getattr(args, k) for k in MODEL_KEYS}
+    config = dict(checkpoint["config"]) if checkpoint else {k: getattr(args, k) for k in CONFIG_OPTIONS}
     if args.scst:
         check_scst_options(args, world)
         config["constrained_decoding"] = True  # decode as it was trained
@@ -236,13 +201,12 @@ def setup_run(args):
     encoder = build_encoder(config, pretrained=checkpoint is None and config["pretrained"]).to(device)
     decoder = build_decoder(config, len(word_map)).to(device)
     if checkpoint is not None:
-        encoder.load_state_dict(checkpoint["encoder"])
-        decoder.load_state_dict(checkpoint["decoder"])
+        load_weights(encoder, decoder, checkpoint)
     fine_tune = args.fine_tune_encoder
     encoder.fine_tune(fine_tune)
     # Under torchrun, training's forward passes go through DDP wrappers, which average the gradients;
     # the raw modules stay for checkpoints and validation, so both look the same with or without torchrun.
-    ddp = (lambda m: DistributedDataParallel(m)) if world > 1 else (lambda m: m)
+    ddp = DistributedDataParallel if dist.is_initialized() else (lambda m: m)
     decoder_opt = torch.optim.Adam(decoder.parameters(), lr=args.scst_lr if args.scst else args.decoder_lr)
     encoder_opt = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad],
                                    lr=args.encoder_lr) if fine_tune else None
@@ -259,8 +223,13 @@ def setup_run(args):
         trainable_parameters=[p for p in list(decoder.parameters()) + list(encoder.parameters()) if p.requires_grad],
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext,
         scaler=torch.amp.GradScaler(device.type, enabled=scaled))
+    if rank == 0:  # only rank 0 writes; the lock keeps a second run out of this folder until the first ends
+        stack.enter_context(folder_lock(writable_dir(run.out_dir, "--out-dir"), "train.py"))
+        remove_leftovers(run.out_dir)
     if checkpoint is not None:
         restore_training_state(run, checkpoint)
+        if rank == 0:
+            repair_best(run, checkpoint)
     setup_data(run)
     if checkpoint is not None:  # last: building the caches draws from the RNG too
         set_rng_state(checkpoint["rng"])
@@ -273,14 +242,19 @@ def setup_data(run):
     run.val_set = CaptionDataset(run.data_folder, run.data_name, "VAL")
     run.val_refs = reference_sentences(run.data_folder, run.data_name, "VAL", len(run.val_set) // run.val_set.cpi)
     run.config.setdefault("image_size", run.train_set.h5.image_size)  # caption.py resizes new images to this
+    run.encoder.set_precision(args.encoder_precision)
     if not run.fine_tune and args.cache != "off":
+        from features import configure_encoding, default_cache_dir
+
         run.encoder.eval()
+        workers = configure_encoding(run.device, args.workers, quiet=run.rank != 0)
+        # disk: a file per key (encoder, weights, sizes, precision, prepared file), reused by later runs
+        cache_dir = None
         if args.cache == "disk":
-            os.makedirs(run.out_dir, exist_ok=True)
-        disk = {split: os.path.join(run.out_dir, f"features_{split}_rank{run.rank}.hdf5") if args.cache == "disk"
-                else None for split in ("TRAIN", "VAL")}
+            cache_dir = args.cache_dir or default_cache_dir(run.data_folder, run.out_dir)
         run.train_cache, run.val_cache = (
-            FeatureCache(run.encoder, run.data_folder, run.data_name, split, run.device, 32, args.workers, disk[split])
+            FeatureCache(run.encoder, run.data_folder, run.data_name, split, run.device, 32, workers,
+                         cache_dir=cache_dir, in_memory=args.cache == "ram")
             for split in ("TRAIN", "VAL"))
     if args.scst:
         refs = reference_sentences(run.data_folder, run.data_name, "TRAIN", len(run.train_set) // run.train_set.cpi)
@@ -413,24 +387,6 @@ def decode_split(run, encoder, decoder, split):
 # ---------------------------------------------------------------------------
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
-
-
 def checkpoint_state(run, epoch):
     """Plain types and tensors only; the raw modules' weights, so the keys are the same under torchrun."""
     return {
@@ -497,11 +453,26 @@ def end_of_epoch(run, epoch, stats):
 
 def save_epoch(run, state):
     """last.pt first: it records which epoch is best, so a crash before best.pt is written is repaired on resume."""
-    os.makedirs(run.out_dir, exist_ok=True)
     save_checkpoint(os.path.join(run.out_dir, "last.pt"), state)
     if state["best_epoch"] == state["epoch"]:
         save_checkpoint(os.path.join(run.out_dir, "best.pt"), state)
-    write_logs(run.out_dir, run.history)
+    with disk_errors(run.out_dir):
+        write_logs(run.out_dir, run.history)
+
+
+def repair_best(run, last):
+    """Resuming this folder's last.pt: if it is the best epoch but best.pt is missing or older (a crash
+    between the two saves), write best.pt again; rewrite the log to match last.pt's history."""
+    if os.path.abspath(os.path.dirname(run.args.resume)) != os.path.abspath(run.out_dir):
+        return  # a new phase in a new folder: that folder's best.pt is its own
+    best_path = os.path.join(run.out_dir, "best.pt")
+    if last.get("best_epoch") == last["epoch"]:
+        best = load_checkpoint(best_path) if os.path.exists(best_path) else None
+        if best is None or best["epoch"] != last["epoch"]:
+            print(f"note: {best_path} was not the best epoch ({last['epoch']}) that last.pt records: written again")
+            save_checkpoint(best_path, last)
+    with disk_errors(run.out_dir):
+        write_logs(run.out_dir, run.history)
 
 
 def train(run):
@@ -518,6 +489,8 @@ def train(run):
             stats.update(validate(run))
             stats["minutes"] = (time.time() - start) / 60
             stats["peak_rss_mb"] = peak_rss_mb()
+            if run.device.type == "cuda":
+                stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
             stop = end_of_epoch(run, epoch, stats)
             if tensorboard is not None:
                 for key, value in stats.items():
@@ -545,21 +518,13 @@ def open_tensorboard(run):
     return SummaryWriter(os.path.join(run.out_dir, "tensorboard"))
 
 
-def finish_demo(run):
-    """Evaluate the best shapes model on TEST and say what to try next."""
-    from eval import evaluate
-
-    best = os.path.join(run.out_dir, "best.pt")
-    evaluate(best, run.data_folder, run.data_name, "TEST", [run.args.test_beam_size], batch_size=64,
-             device=run.device, out=os.path.join(run.out_dir, "test_results.json"))
-    example = os.path.join("data", "shapes_raw", "images", "shapes_01750.png")
-    print(f"\nNext, caption an image and draw its attention:\n  python caption.py --checkpoint {best} "
-          f"--img {example} --out attention.png")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    run = setup_run(args)
+    with contextlib.ExitStack() as stack:
+        run_training(setup_run(args, stack))
+
+
+def run_training(run):
     if run.rank == 0:
         cached = "features cached" if run.train_cache is not None else "encoder run every batch"
         print(f"Training on {run.data_name} ({len(run.train_set)} captions) with {run.config['encoder']} "
@@ -569,9 +534,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         raise UserError(f"interrupted; continue with: python train.py --resume {os.path.join(run.out_dir, 'last.pt')} "
                         "(plus the same options)") from None
-    if run.rank == 0 and args.demo:
-        finish_demo(run)
-    if run.world > 1:
+    if run.rank == 0 and run.args.demo:
+        shapes.finish_demo(run)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

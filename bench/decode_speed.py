@@ -6,6 +6,7 @@
 Images are encoded once beforehand, so the numbers measure decoding alone.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import ImageDataset, find_data_name  # noqa: E402
 from decoding import beam_search  # noqa: E402
 from models import DecoderWithAttention, load_model  # noqa: E402
-from utils import load_checkpoint, peak_rss_mb  # noqa: E402
+from utils import load_checkpoint, peak_rss_mb, pick_device  # noqa: E402
 
 
 def model_and_features(args):
@@ -33,7 +34,7 @@ def model_and_features(args):
     torch.manual_seed(0)
     word_map = {"<pad>": 0, **{f"w{i}": i for i in range(1, 2597)}, "<unk>": 2597, "<start>": 2598, "<end>": 2599}
     decoder = DecoderWithAttention(512, 512, 512, len(word_map), encoder_dim=1280).eval()
-    return decoder, torch.randn(args.images, 49, 1280), word_map
+    return decoder, torch.randn(args.images, 49, 1280, device="cpu"), word_map
 
 
 class StepCounter:
@@ -52,6 +53,8 @@ def rate(decoder, features, word_map, beam, batch):
     start = time.time()
     for s in range(0, len(features), batch):
         beam_search(decoder, features[s : s + batch], word_map, beam, 50)
+    if features.device.type == "cuda":
+        torch.cuda.synchronize()
     return len(features) / (time.time() - start)
 
 
@@ -83,8 +86,12 @@ def main():
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     decoder, features, word_map = model_and_features(args)
+    device = pick_device(args.device)
+    decoder, features = decoder.to(device), features.to(device)
     print(f"{len(features)} images, {features.shape[1]} pixels x {features.shape[2]} features, "
           f"{torch.get_num_threads()} threads, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random model'}")
     print(f"{'beam':>4s} {'batched img/s':>14s} {'one-by-one img/s':>17s} {'speed-up':>9s}")
@@ -96,8 +103,14 @@ def main():
         single = rate(decoder, features, word_map, beam, 1)
         results.append((beam, batched, single, counter.rows / len(features)))
         print(f"{beam:4d} {batched:14.1f} {single:17.1f} {batched / single:8.1f}x")
-    print(f"peak RSS {peak_rss_mb():.0f} MiB")
-
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    print(f"peak RSS {peak_rss_mb():.0f} MiB" + (f", peak GPU memory {gpu_mib:.0f} MiB" if gpu_mib else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "peak_gpu_mib": gpu_mib, "rows": [
+                {"beam": b, "batched": x, "one_by_one": y} for b, x, y, _ in results]}, f)
+    if device.type != "cpu":
+        return  # the matmul ceiling below is measured for this CPU
     # The batched search is bound by matrix products: how fast could it be if they were all it did?
     macs, gflops = macs_per_row_step(decoder, features.shape[1]), matmul_gflops(decoder)
     print(f"\none hypothesis-step = {macs / 1e6:.1f} M multiply-adds; this CPU's matmul: {gflops:.0f} GFLOP/s")

@@ -11,6 +11,7 @@ Prints images/s (one image = one image-caption pair) for:
 and, for the decoder, W_a a projected once per batch against once per time step.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -61,6 +62,10 @@ def timed(step, iterations, device):
     return (time.time() - start) / iterations
 
 
+MODES = {"cached": "decoder only, cached features", "per-step": "decoder only, W_a a recomputed every step",
+         "frozen": "encoder frozen, recomputed", "fine-tune": "fine-tuning the encoder"}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="resnet50")
@@ -72,18 +77,18 @@ def main():
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--amp", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which rows to measure")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     device = pick_device(args.device)
-    dtype = None
-    if args.amp:
-        dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    dtype, scaled = train.precision(device, args.amp)  # what train.py --amp uses: fp16 + GradScaler on CUDA
 
     encoder = Encoder(args.encoder, args.encoded_size, pretrained=False).to(device)
     decoder = DecoderWithAttention(512, 512, 512, args.vocab, encoder_dim=encoder.encoder_dim).to(device)
     images, captions, caplens = synthetic_batch(args.batch_size, args.image_size, args.vocab, args.caption_len, device)
     with torch.no_grad():
         cached = encoder.eval()(images)  # (batch, num_pixels, encoder_dim)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=scaled)
     opt = torch.optim.Adam(list(decoder.parameters()) + [q for q in encoder.parameters()], lr=1e-4)
 
     def step(fine_tune, use_cache, per_step=False):
@@ -106,15 +111,19 @@ def main():
     print(f"{args.encoder}, {args.image_size} px, batch {args.batch_size}, {device}"
           f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, amp {'on (' + str(dtype) + ')' if dtype else 'off'}, "
           f"{torch.get_num_threads()} threads")
-    rows = [("decoder only, cached features", step(False, True)),
-            ("decoder only, W_a a recomputed every step", step(False, True, per_step=True)),
-            ("encoder frozen, recomputed", step(False, False)),
-            ("fine-tuning the encoder", step(True, False))]
+    steps = {"cached": step(False, True), "per-step": step(False, True, per_step=True),
+             "frozen": step(False, False), "fine-tune": step(True, False)}
     print(f"{'mode':44s} {'images/s':>9s} {'peak mem (MiB)':>15s}")
-    for name, fn in rows:
-        seconds = timed(fn, args.iterations, device)
+    results = []
+    for mode in args.modes:
+        seconds = timed(steps[mode], args.iterations, device)
         mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
-        print(f"{name:44s} {args.batch_size / seconds:9.1f} {mem:15.0f}")
+        results.append({"mode": mode, "images_per_s": args.batch_size / seconds, "peak_mem_mib": mem,
+                        "memory": "GPU" if device.type == "cuda" else "RSS"})
+        print(f"{MODES[mode]:44s} {args.batch_size / seconds:9.1f} {mem:15.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"encoder": args.encoder, "amp": bool(dtype), "device": str(device), "rows": results}, f)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     python caption.py --checkpoint runs/shapes/best.pt --img photo.jpg [more.jpg ...] [--out fig.png]
     python caption.py --checkpoint runs/shapes/best.pt --img-dir photos/ --out figures/
 
-A bad image (missing, not an image, a decompression bomb) gets a one-line error; the others are
-still captioned, and the exit code is then 2.
+A bad image (missing, not an image, a decompression bomb) or a figure that cannot be written gets a
+one-line error; the others are still captioned, and the exit code is then 2.
 """
 import argparse
+import collections
 import os
 import sys
 
@@ -15,7 +16,8 @@ import torch
 
 from decoding import beam_search
 from models import load_model
-from utils import ImageLoadError, UserError, load_checkpoint, load_image, open_rgb, pick_device, run_cli
+from utils import (DISK_ERRORS, ImageLoadError, UserError, atomic_path, load_checkpoint, load_image,
+                   non_negative_float, open_rgb, pick_device, positive_int, run_cli, writable_dir, writable_file)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -26,13 +28,15 @@ def parse_args(argv=None):
     src.add_argument("--img", nargs="+", help="image file(s)")
     src.add_argument("--img-dir", help="caption every image in this folder")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--beam-size", type=int, default=5)
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--beam-size", type=positive_int, default=5)
+    p.add_argument("--length-penalty", type=non_negative_float, default=0.0)
+    p.add_argument("--max-len", type=positive_int, default=50)
     p.add_argument("--out", help="figure path (.png) for one image, or a folder for several "
                                  "(default: IMAGE_attention.png in the current folder)")
     p.add_argument("--no-plot", action="store_true", help="print captions only")
     p.add_argument("--device", default="auto")
+    p.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="what the encoder computes in; auto: bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
     return p.parse_args(argv)
 
 
@@ -47,13 +51,26 @@ def list_images(args):
     return [os.path.join(args.img_dir, n) for n in names]
 
 
-def figure_path(out, image_path, several):
-    stem = os.path.splitext(os.path.basename(image_path))[0]
+def figure_paths(out, image_paths):
+    """One figure path per image, all different: STEM.png in the --out folder (STEM_attention.png in the
+    current folder without --out), or --out itself for a single image and a .png name. Images whose stems
+    collide (good.jpg, good.webp) keep their extension (good_jpg.png, good_webp.png), then get a number."""
+    if out is not None and len(image_paths) == 1 and out.lower().endswith(".png"):
+        return [out]
+    stems = [os.path.splitext(os.path.basename(p)) for p in image_paths]
+    counts = collections.Counter(stem for stem, _ in stems)
+    names, used = [], set()
+    for stem, ext in stems:
+        name = stem if counts[stem] == 1 else f"{stem}_{ext.lstrip('.').lower()}"
+        unique, n = name, 1
+        while unique in used:
+            n += 1
+            unique = f"{name}_{n}"
+        used.add(unique)
+        names.append(unique)
     if out is None:
-        return f"{stem}_attention.png"
-    if several or not out.lower().endswith(".png"):
-        return os.path.join(out, f"{stem}.png")
-    return out
+        return [f"{name}_attention.png" for name in names]
+    return [os.path.join(out, f"{name}.png") for name in names]
 
 
 @torch.no_grad()
@@ -104,12 +121,11 @@ def attention_figure(picture, words, alphas, grid, columns=5):
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:  # a crash never leaves half a PNG
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None):
@@ -118,12 +134,22 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.checkpoint)
     device = pick_device(args.device)
     try:
-        encoder, decoder = load_model(checkpoint, device)
+        encoder, decoder = load_model(checkpoint, device, encoder_precision=args.encoder_precision)
         word_map, size = checkpoint["word_map"], int(checkpoint["config"].get("image_size", 256))
     except KeyError as err:
         raise UserError(f"{args.checkpoint}: not a captioning checkpoint (missing {err})") from None
-    failures = 0
-    for path in paths:
+    failures, plot = 0, not args.no_plot
+    figures = figure_paths(args.out, paths)
+    if plot:
+        try:  # checked once, up front; the captions are still worth having without figures
+            if len(figures) == 1:
+                writable_file(figures[0], "--out")
+            else:
+                writable_dir(os.path.dirname(os.path.abspath(figures[0])), "--out")
+        except UserError as err:
+            print(f"error: {err}; printing captions only", file=sys.stderr)
+            failures, plot = 1, False
+    for path, figure in zip(paths, figures):
         try:
             image = load_image(path, size)  # (3, size, size) uint8, as in training
             picture = open_rgb(path, draft_size=512)
@@ -134,11 +160,16 @@ def main(argv=None):
         words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size, args.length_penalty,
                                             args.max_len, checkpoint["config"].get("constrained_decoding", False))
         print(f"{path}: {' '.join(words)}")
-        if not args.no_plot:
+        if plot:
             picture.thumbnail((400, 400))
-            out = figure_path(args.out, path, len(paths) > 1)
-            save_figure(attention_figure(picture, words, alphas, grid), out)
-            print(f"  attention figure: {out}")
+            try:
+                save_figure(attention_figure(picture, words, alphas, grid), figure)
+            except OSError as err:  # e.g. the disk filled up: the next images are still captioned
+                reason = DISK_ERRORS.get(err.errno) or err.strerror or str(err)
+                print(f"error: {figure}: cannot write the figure ({reason})", file=sys.stderr)
+                failures += 1
+                continue
+            print(f"  attention figure: {figure}")
     return 2 if failures else 0
 
 

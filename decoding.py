@@ -122,13 +122,16 @@ def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, l
                    suppress_unk=False, device="cpu", desc="decoding", features_given=False, constrained=False):
     """Beam-search every image yielded by `batches` ((images or features, indices) pairs).
 
-    Returns {index: hypothesis dict}. With features_given=True the batches hold cached encoder
-    features instead of images and the encoder is skipped.
+    beam_size: one size, which returns {index: hypothesis dict}; or a list of sizes, which returns
+    {size: {index: hypothesis dict}}, each batch being encoded once for all of them. With
+    features_given=True the batches hold cached encoder features instead of images and the encoder is skipped.
     """
-    results = {}
+    sizes = [beam_size] if isinstance(beam_size, int) else list(beam_size)
+    results = {k: {} for k in sizes}
     for inputs, indices in progress(batches, desc=desc, unit="batch", leave=False):
         inputs = inputs.to(device)
         features = inputs.float() if features_given else encoder(inputs)  # (batch, num_pixels, encoder_dim)
-        hyps = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, suppress_unk, constrained)
-        results.update(zip(indices.tolist(), hyps))
-    return results
+        for k in sizes:
+            hyps = beam_search(decoder, features, word_map, k, max_len, length_penalty, suppress_unk, constrained)
+            results[k].update(zip(indices.tolist(), hyps))
+    return results[beam_size] if isinstance(beam_size, int) else results

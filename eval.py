@@ -7,17 +7,17 @@ Each image is encoded and decoded once per beam size, against all of its raw ref
 """
 import argparse
 import os
-import sys
+import tempfile
 import time
 
-import torch
 from torch.utils.data import DataLoader
 
-from dataset import CaptionDataset, ImageDataset, find_data_name, load_image_info, load_references
-from decoding import beam_search
+from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences
+from decoding import decode_batches
 from metrics import SCORE_NAMES, score_captions
 from models import load_model
-from utils import UserError, decode_tokens, load_checkpoint, pick_device, progress, read_json, run_cli, write_json
+from utils import (DISK_ERRORS, UserError, decode_tokens, load_checkpoint, non_negative_float, non_negative_int,
+                   pick_device, positive_int, run_cli, writable_file, write_json)
 
 
 def parse_args(argv=None):
@@ -26,53 +26,32 @@ def parse_args(argv=None):
     p.add_argument("--split", default="TEST", type=str.upper, choices=["TRAIN", "VAL", "TEST"])
     p.add_argument("--data-folder", help="folder written by create_input_files.py (default: the checkpoint's)")
     p.add_argument("--data-name", help="base name of the prepared files (default: the folder's only one)")
-    p.add_argument("--beam-size", type=int, nargs="+", default=[3])
-    p.add_argument("--batch-size", type=int, default=32, help="images decoded together")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="divide log-probabilities by length**this")
-    p.add_argument("--max-len", type=int, default=50, help="longest caption in words")
+    p.add_argument("--beam-size", type=positive_int, nargs="+", default=[3])
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together")
+    p.add_argument("--length-penalty", type=non_negative_float, default=0.0,
+                   help="divide log-probabilities by length**this")
+    p.add_argument("--max-len", type=positive_int, default=50, help="longest caption in words")
     p.add_argument("--suppress-unk", action="store_true", help="never emit <unk>")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=non_negative_int, default=2)
+    p.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="what the encoder computes in; auto: bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
     p.add_argument("--out", help="JSON file for scores and captions (default: next to the checkpoint)")
     return p.parse_args(argv)
 
 
-def reference_sentences(data_folder, data_name, split, num_images):
-    """{image index: [reference sentence, ...]}: the raw REFS file, or else the encoded captions with a notice."""
-    refs = load_references(data_folder, data_name, split)
-    if refs is not None:
-        return {i: [" ".join(tokens) for tokens in r] for i, r in enumerate(refs)}
-    print(f"note: {data_folder} has no {split}_REFS file (prepared elsewhere?): scoring against its encoded "
-          "captions, where rare words read <unk>", file=sys.stderr)
-    word_map = read_json(os.path.join(data_folder, f"WORDMAP_{data_name}.json"))
-    rev = {v: k for k, v in word_map.items()}
-    captions = CaptionDataset(data_folder, data_name, split)
-    cpi = captions.cpi
-    return {i: [" ".join(decode_tokens(c, rev, word_map)) for c in captions.captions[i * cpi : (i + 1) * cpi].tolist()]
-            for i in range(num_images)}
-
-
-@torch.no_grad()
-def decode_all(encoder, decoder, images, word_map, beam_sizes, batch_size, device, workers, **search):
-    """{beam_size: {image index: hypothesis}}; each batch is encoded once for all beam sizes."""
-    results = {k: {} for k in beam_sizes}
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers)
-    for batch, indices in progress(loader, desc="decoding", unit="batch"):
-        features = encoder(batch.to(device))  # (batch, num_pixels, encoder_dim)
-        for k in beam_sizes:
-            results[k].update(zip(indices.tolist(), beam_search(decoder, features, word_map, k, **search)))
-    return results
-
-
 def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", beam_sizes=(3,), batch_size=32,
-             device="cpu", out=None, length_penalty=0.0, max_len=50, suppress_unk=False, workers=2):
+             device="cpu", out=None, length_penalty=0.0, max_len=50, suppress_unk=False, workers=2,
+             encoder_precision="auto"):
     """Decode and score; print a table; write the JSON report. Returns the report dict."""
     checkpoint = load_checkpoint(checkpoint_path)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"eval_{split.lower()}.json")
+    writable_file(out, "--out")  # now, not after all the decoding
     data_folder = data_folder or checkpoint.get("data_folder")
     if not data_folder:
         raise UserError("give --data-folder (the checkpoint does not name one)")
     data_name = data_name or find_data_name(data_folder)
-    encoder, decoder = load_model(checkpoint, device)
+    encoder, decoder = load_model(checkpoint, device, encoder_precision=encoder_precision)
     word_map = checkpoint["word_map"]  # decode with the checkpoint's own vocabulary
     rev_word_map = {v: k for k, v in word_map.items()}
     images = ImageDataset(data_folder, data_name, split)
@@ -80,9 +59,9 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     info = load_image_info(data_folder, data_name, split, len(images))
 
     start = time.time()
-    hyps = decode_all(encoder, decoder, images, word_map, beam_sizes, batch_size, device, workers,
-                      max_len=max_len, length_penalty=length_penalty, suppress_unk=suppress_unk,
-                      constrained=checkpoint["config"].get("constrained_decoding", False))
+    batches = DataLoader(images, batch_size=batch_size, num_workers=workers)
+    hyps = decode_batches(encoder, decoder, batches, word_map, list(beam_sizes), max_len, length_penalty,
+                          suppress_unk, device, constrained=checkpoint["config"].get("constrained_decoding", False))
     seconds = time.time() - start
     report = {"checkpoint": checkpoint_path, "split": split, "data_folder": data_folder, "data_name": data_name,
               "num_images": len(images), "decode_seconds": seconds, "results": []}
@@ -93,10 +72,30 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
                     for i in sorted(sentences)]
         report["results"].append({"beam_size": k, "scores": scores, "captions": captions})
     print_table(report)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"eval_{split.lower()}.json")
-    write_json(out, report)
+    save_report(report, out)
     print(f"wrote {out}")
     return report
+
+
+def save_report(report, out):
+    """Write the report to `out`. Should that still fail after all the decoding, save it in the working
+    folder (or else the temporary folder) and say where, in one error line."""
+    try:
+        write_json(out, report)
+        return
+    except OSError as err:
+        reason = DISK_ERRORS.get(err.errno) or err.strerror or str(err)
+    stem = os.path.splitext(os.path.basename(out))[0]
+    name = f"{stem}-rescued-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        try:
+            write_json(os.path.join(folder, name), report)
+        except OSError:
+            continue
+        raise UserError(f"cannot write {out} ({reason}); the report was saved to {os.path.join(folder, name)} "
+                        "instead")
+    raise UserError(f"cannot write {out} ({reason}), nor a copy in {os.getcwd()} or {tempfile.gettempdir()}; "
+                    "the scores are printed above")
 
 
 def print_table(report):
@@ -110,10 +109,9 @@ def print_table(report):
 
 def main(argv=None):
     args = parse_args(argv)
-    if min(args.beam_size) < 1:
-        raise UserError("--beam-size must be at least 1")
     evaluate(args.checkpoint, args.data_folder, args.data_name, args.split, args.beam_size, args.batch_size,
-             pick_device(args.device), args.out, args.length_penalty, args.max_len, args.suppress_unk, args.workers)
+             pick_device(args.device), args.out, args.length_penalty, args.max_len, args.suppress_unk, args.workers,
+             encoder_precision=args.encoder_precision)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""Encoder features cached once per run, and the batches that training and validation read.
+"""Encoder features, cached once per run or kept on disk across runs, and the batches training and validation read.
 
 While the encoder is frozen its output for an image never changes, so train.py encodes every image
 once and each epoch only runs the decoder. The cache lives in host memory, on the GPU when it fits
-there, or in an HDF5 file.
+there, or in an HDF5 file named by a hash of everything the features depend on (cache_key), which a
+later run with the same key reads instead of encoding again.
+
+Features are stored as bfloat16: half the memory of float32 with float32's exponent range, so even
+an untrained ResNet's features (up to ~2e5, past float16's 65504) are kept finite.
 """
-import contextlib
+import hashlib
+import json
+import os
 
 import h5py
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from dataset import ImageDataset
-from utils import progress
+from models import normalise_images, resolve_precision
+from utils import UserError, atomic_path, progress
 
 # keep the cache on the GPU only while it leaves this share of the free memory to training
 GPU_CACHE_SHARE = 0.5
+STORE_DTYPE = torch.bfloat16
+CACHE_FORMAT = 2  # bump when the file layout changes: files of another format get another name
 
 
 def cache_device(num_bytes, device):
@@ -36,40 +45,190 @@ def to_device(tensor, device):
     return tensor.to(device, non_blocking=device.type == "cuda")
 
 
-class FeatureCache:
-    """Encoder features of every image of a split, float16: in memory (host or GPU) or in an HDF5 file."""
+# ---------------------------------------------------------------------------
+# Threads and workers for encoding
+# ---------------------------------------------------------------------------
 
-    def __init__(self, encoder, data_folder, data_name, split, device, batch_size, workers, disk_path=None):
+
+def available_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def encoding_plan(device, requested_workers):
+    """(torch threads, DataLoader workers) for encoding. The CNN gets every core of this process' share (an
+    OMP_NUM_THREADS setting, which torchrun makes, wins). On the CPU one worker reads and converts the next
+    batch while the CNN runs; reading is a small share of the work, so more workers would only take cores
+    from the CNN. On CUDA the CPU only feeds the GPU: workers up to the cores but one."""
+    share = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else share
+    most = 1 if device.type == "cpu" else max(1, share - 1)
+    return threads, max(0, min(requested_workers, most))
+
+
+def configure_encoding(device, requested_workers, quiet=False):
+    """Apply encoding_plan (torch's thread count is process-wide) and say what was chosen. Returns the workers."""
+    threads, workers = encoding_plan(device, requested_workers)
+    torch.set_num_threads(threads)
+    if not quiet:
+        print(f"encoding on {device}: {threads} torch threads, {workers} loader workers "
+              f"({available_cores()} cores available)")
+    return workers
+
+
+class NormalisedBatches:
+    """DataLoader collate_fn: stack (uint8 image, index) items and normalise them in the worker, so the
+    conversion to float overlaps the CNN. A class, not a closure, so spawned workers can pickle it."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = mean.to("cpu"), std.to("cpu")  # (1, 3, 1, 1) each
+
+    def __call__(self, items):
+        images = torch.stack([image for image, _ in items])  # (batch, 3, S, S) uint8
+        indices = torch.tensor([index for _, index in items], device="cpu")  # (batch,)
+        return normalise_images(images, self.mean, self.std), indices  # (batch, 3, S, S) float32
+
+
+def encode_images(encoder, images, device, batch_size, workers):
+    """Yield (first image index, features (batch, num_pixels, encoder_dim) as stored) over `images` in order."""
+    in_workers = workers > 0 and device.type == "cpu"  # to a GPU, uint8 crosses the bus: 4x fewer bytes
+    collate = NormalisedBatches(encoder.mean, encoder.std) if in_workers else None
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        **loader_options(device))
+    with torch.no_grad():
+        for batch, indices in progress(loader, desc=f"caching {images.split} features", unit="batch"):
+            batch = to_device(batch, device)  # (batch, 3, S, S): normalised float32, or uint8
+            feats = encoder.encode(batch) if in_workers else encoder(batch)  # (batch, num_pixels, encoder_dim)
+            yield int(indices[0]), checked_for_storage(feats, int(indices[0]))
+
+
+def checked_for_storage(feats, first):
+    """feats (batch, num_pixels, encoder_dim) -> the same in STORE_DTYPE; UserError if any is inf or NaN."""
+    stored = feats.to(STORE_DTYPE)  # (batch, num_pixels, encoder_dim)
+    if not torch.isfinite(stored).all():
+        largest = feats.abs().nan_to_num(0.0, 0.0, 0.0).max().item()  # the largest finite magnitude
+        raise UserError(f"the encoder gave inf or NaN features (images {first} to {first + len(feats) - 1}, "
+                        f"largest finite {largest:.3g}): its weights are broken; try --encoder-precision fp32, "
+                        "or other --encoder-weights")
+    return stored
+
+
+# ---------------------------------------------------------------------------
+# Cache files: named by their key, written atomically
+# ---------------------------------------------------------------------------
+
+
+def cache_key(encoder, images, device):
+    """Everything the cached features of `images` (an ImageDataset) depend on."""
+    path = images.h5.path
+    stat = os.stat(path)
+    return {"format": CACHE_FORMAT, "encoder": encoder.name, "weights": encoder.weights_digest(),
+            "feature_stride": encoder.feature_stride, "encoded_size": encoder.encoded_image_size,
+            "precision": resolve_precision(encoder.precision, device.type), "image_size": images.h5.image_size,
+            "prepared": [os.path.abspath(path), stat.st_size, stat.st_mtime_ns], "split": images.split}
+
+
+def cache_file(cache_dir, key):
+    """The file that holds `key`'s features: any change to the key gives another name."""
+    text = json.dumps(key, sort_keys=True)
+    return os.path.join(cache_dir, f"features_{key['split']}_{hashlib.sha256(text.encode()).hexdigest()[:16]}.hdf5")
+
+
+def default_cache_dir(data_folder, out_dir):
+    """cache/ beside the prepared data, shared by every run on it; under out_dir if that folder is read-only."""
+    return os.path.join(data_folder if os.access(data_folder, os.W_OK) else out_dir, "cache")
+
+
+def open_cache_file(path, key):
+    """The features dataset of the file at `path` if it holds `key`'s features, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        f = h5py.File(path, "r")
+    except OSError:  # not HDF5 (a partial copy, say): encode again and replace it
+        return None
+    if f.attrs.get("key") != json.dumps(key, sort_keys=True) or "features" not in f:
+        f.close()
+        return None
+    return f["features"]
+
+
+def write_cache_file(path, key, batches, num_images):
+    """Write the stored features of `batches` to `path`: under a temporary name, renamed only once complete,
+    so an interrupted run leaves no file that a later one could load."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["key"] = json.dumps(key, sort_keys=True)
+        data = None
+        for first, stored in batches:
+            if data is None:  # HDF5 has no bfloat16: the file keeps its bits as int16
+                shape = (num_images,) + tuple(stored.shape[1:])
+                data = f.create_dataset("features", shape, dtype="int16", chunks=(1,) + shape[1:])
+            bits = stored.cpu().view(torch.int16)  # (batch, num_pixels, encoder_dim)
+            data[first : first + len(stored)] = bits.numpy()
+
+
+def from_file(rows):
+    """int16 rows read from a cache file -> (rows, num_pixels, encoder_dim) bfloat16."""
+    return torch.from_numpy(rows).view(STORE_DTYPE)  # (rows, num_pixels, encoder_dim)
+
+
+class FeatureCache:
+    """Encoder features of every image of a split, bfloat16: in memory (host or GPU) or in an HDF5 file.
+
+    Without cache_dir they are encoded into memory. With cache_dir they are read from the key's file
+    there (cache_key), or encoded and written to it first; in_memory=False then reads each batch from the file.
+    `loaded` says whether the file was there already.
+    """
+
+    def __init__(self, encoder, data_folder, data_name, split, device, batch_size=32, workers=0, cache_dir=None,
+                 in_memory=True):
         images = ImageDataset(data_folder, data_name, split)
-        loader = DataLoader(images, batch_size=batch_size, num_workers=workers, **loader_options(device))
-        self.file, self.tensor = None, None
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            for batch, indices in progress(loader, desc=f"caching {split} features", unit="batch"):
-                feats = encoder(to_device(batch, device)).half()  # (batch, num_pixels, encoder_dim)
-                if self.tensor is None and self.file is None:
-                    shape = (len(images),) + tuple(feats.shape[1:])
-                    if disk_path:
-                        self.file = stack.enter_context(h5py.File(disk_path, "w"))
-                        self.file.create_dataset("features", shape, dtype="float16", chunks=(1,) + shape[1:])
-                    else:
-                        home = cache_device(2 * shape[0] * feats[0].numel(), device)
-                        self.tensor = torch.empty(shape, dtype=torch.float16, device=home)  # (num_images, num_pixels, encoder_dim)
-                if disk_path:
-                    self.file["features"][int(indices[0]) : int(indices[-1]) + 1] = feats.cpu().numpy()
-                else:
-                    self.tensor[indices.to(self.tensor.device)] = feats.to(self.tensor.device)
-        if disk_path:
-            self.file = h5py.File(disk_path, "r")["features"]
+        self.file, self.tensor, self.path, self.loaded = None, None, None, False
+        batches = encode_images(encoder, images, device, batch_size, workers)  # runs only if iterated
+        if cache_dir is None:
+            self.tensor = self._fill(batches, len(images), device)
+        else:
+            self._use_file(cache_key(encoder, images, device), cache_dir, batches, len(images), device, in_memory)
+
+    def _use_file(self, key, cache_dir, batches, num_images, device, in_memory):
+        """Read the key's file, writing it first if it is not there (or not readable)."""
+        self.path = cache_file(cache_dir, key)
+        data = open_cache_file(self.path, key)
+        self.loaded = data is not None
+        if data is None:
+            write_cache_file(self.path, key, batches, num_images)
+            data = open_cache_file(self.path, key)
+        print(f"{key['split']} features {'read from' if self.loaded else 'written to'} {self.path}")
+        if in_memory:
+            home = cache_device(data.size * 2, device)
+            self.tensor = from_file(data[...]).to(home)  # (num_images, num_pixels, encoder_dim)
+            data.file.close()
+        else:
+            self.file = data
+
+    @staticmethod
+    def _fill(batches, num_images, device):
+        tensor = None
+        for first, stored in batches:
+            if tensor is None:
+                home = cache_device(2 * num_images * stored[0].numel(), device)
+                shape = (num_images,) + tuple(stored.shape[1:])
+                tensor = torch.empty(shape, dtype=STORE_DTYPE, device=home)  # (num_images, num_pixels, encoder_dim)
+            tensor[first : first + len(stored)] = stored.to(tensor.device)  # (batch, num_pixels, encoder_dim)
+        return tensor
 
     def __len__(self):
         return len(self.tensor) if self.tensor is not None else self.file.shape[0]
 
     def __getitem__(self, image_index):
-        """image_index (batch,) on the CPU -> (batch, num_pixels, encoder_dim) float16, where the cache lives."""
+        """image_index (batch,) on the CPU -> (batch, num_pixels, encoder_dim) bfloat16, where the cache lives."""
         if self.tensor is not None:
             return self.tensor[image_index.to(self.tensor.device)]
         order, inverse = torch.unique(image_index, return_inverse=True)  # h5py wants increasing indices
-        return torch.from_numpy(self.file[order.numpy()])[inverse]
+        return from_file(self.file[order.numpy()])[inverse]
 
     def image_batches(self, batch_size):
         """(features, image indices) batches over every image, for decoding."""

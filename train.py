@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dataset import CaptionDataset, ImageDataset, find_data_name
+from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
 from decoding import decode_batches
-from eval import reference_sentences
-from features import FeatureCache, caption_batches, epoch_order, loader_options, to_device
+from features import (FeatureCache, caption_batches, configure_encoding, default_cache_dir, epoch_order,
+                      loader_options, to_device)
 from figures import plot_curves
 from metrics import score_captions
 from models import build_decoder, build_encoder, load_weights
@@ -130,7 +130,8 @@ class RunState:
     rank: int  # this process' rank under torchrun (0 otherwise)
     world: int  # number of processes
     device: torch.device  # where the model runs
-    data_folder: str  # the prepared data
+    data_folder: str  # the prepared data, as the user named it (checkpoints record this)
+    snapshot: str  # the folder of the one whole prepared set this run reads (see dataset.snapshot_folder)
     data_name: str  # base name of its files
     out_dir: str  # checkpoints, logs and curves go here
     config: dict  # the model's architecture options, stored in every checkpoint
@@ -188,7 +189,8 @@ def setup_run(args, stack):
             dist.barrier()
     else:
         data_name = args.data_name or find_data_name(args.data_folder)
-    word_map = read_json(os.path.join(args.data_folder, prepared_name("WORDMAP", data_name)))
+    snapshot = snapshot_folder(args.data_folder, data_name)  # read every file from one set, even if re-prepared
+    word_map = read_json(os.path.join(snapshot, prepared_name("WORDMAP", data_name)))
     checkpoint = load_checkpoint(args.resume, MODEL_KEYS + TRAINING_KEYS) if args.resume else None
     if checkpoint is not None and checkpoint["word_map"] != word_map:
         raise UserError(f"{args.resume} was trained with another word map than {args.data_folder}'s; "
@@ -213,7 +215,7 @@ def setup_run(args, stack):
     dtype, scaled = precision(device, args.amp)
     run = RunState(
         args=args, started=started, rank=rank, world=world, device=device, data_folder=args.data_folder,
-        data_name=data_name, out_dir=args.out_dir or os.path.join("runs", data_name), config=config,
+        snapshot=snapshot, data_name=data_name, out_dir=args.out_dir or os.path.join("runs", data_name), config=config,
         word_map=word_map, rev_word_map={v: k for k, v in word_map.items()}, fine_tune=fine_tune,
         phase="scst" if args.scst else ("xe_fine_tune" if fine_tune else "xe"),
         select_on="CIDEr" if args.scst else "Bleu_4", encoder=encoder, decoder=decoder,
@@ -238,14 +240,12 @@ def setup_run(args, stack):
 
 def setup_data(run):
     args = run.args
-    run.train_set = CaptionDataset(run.data_folder, run.data_name, "TRAIN")
-    run.val_set = CaptionDataset(run.data_folder, run.data_name, "VAL")
-    run.val_refs = reference_sentences(run.data_folder, run.data_name, "VAL", len(run.val_set) // run.val_set.cpi)
+    run.train_set = CaptionDataset(run.snapshot, run.data_name, "TRAIN")
+    run.val_set = CaptionDataset(run.snapshot, run.data_name, "VAL")
+    run.val_refs = reference_sentences(run.snapshot, run.data_name, "VAL", len(run.val_set) // run.val_set.cpi)
     run.config.setdefault("image_size", run.train_set.h5.image_size)  # caption.py resizes new images to this
     run.encoder.set_precision(args.encoder_precision)
     if not run.fine_tune and args.cache != "off":
-        from features import configure_encoding, default_cache_dir
-
         run.encoder.eval()
         workers = configure_encoding(run.device, args.workers, quiet=run.rank != 0)
         # disk: a file per key (encoder, weights, sizes, precision, prepared file), reused by later runs
@@ -253,11 +253,11 @@ def setup_data(run):
         if args.cache == "disk":
             cache_dir = args.cache_dir or default_cache_dir(run.data_folder, run.out_dir)
         run.train_cache, run.val_cache = (
-            FeatureCache(run.encoder, run.data_folder, run.data_name, split, run.device, 32, workers,
+            FeatureCache(run.encoder, run.snapshot, run.data_name, split, run.device, 32, workers,
                          cache_dir=cache_dir, in_memory=args.cache == "ram")
             for split in ("TRAIN", "VAL"))
     if args.scst:
-        refs = reference_sentences(run.data_folder, run.data_name, "TRAIN", len(run.train_set) // run.train_set.cpi)
+        refs = reference_sentences(run.snapshot, run.data_name, "TRAIN", len(run.train_set) // run.train_set.cpi)
         run.cider = CiderD(refs)  # document frequencies from TRAIN references, once
 
 
@@ -371,7 +371,7 @@ def decode_split(run, encoder, decoder, split):
     if run.val_cache is not None and split == "VAL":
         batches, features_given = run.val_cache.image_batches(64), True
     else:
-        batches = DataLoader(ImageDataset(run.data_folder, run.data_name, split), batch_size=64,
+        batches = DataLoader(ImageDataset(run.snapshot, run.data_name, split), batch_size=64,
                              num_workers=run.args.workers, **loader_options(run.device))
         features_given = False
     with run.autocast():

@@ -1,9 +1,14 @@
 """Small helpers shared by every script: errors, atomic files, tokens, images, checkpoints."""
+import argparse
 import contextlib
+import errno
+import io
 import json
+import math
 import os
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import warnings
@@ -73,12 +78,14 @@ def write_json(path, obj):
 
 def read_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: files saved by Windows tools start with a BOM
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err}); a cut-off file? prepare or copy it again") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -98,8 +105,21 @@ def data_base_name(dataset, captions_per_image, min_word_freq):
     return f"{dataset}_{captions_per_image}_cap_per_img_{min_word_freq}_min_word_freq"
 
 
-def special_ids(word_map):
-    return {name: word_map[tok] for name, tok in (("pad", PAD), ("unk", UNK), ("start", START), ("end", END))}
+# The prepared files' layout. It lives here rather than in dataset.py because create_input_files.py needs it
+# and must not import torch: every spawned image worker would load it again (2 s and 650 MB each).
+SPLITS = ("TRAIN", "VAL", "TEST")
+PREPARED_KINDS = {"IMAGES": "hdf5", "CAPTIONS": "json", "CAPLENS": "json", "REFS": "json", "IMAGEINFO": "json"}
+
+
+def prepared_name(kind, data_name, split=None):
+    """The one place prepared file names are built: {SPLIT}_{KIND}_{base}.hdf5|json, or WORDMAP_{base}.json."""
+    if kind == "WORDMAP":
+        if split is not None:
+            raise ValueError("the word map belongs to no split")
+        return f"WORDMAP_{data_name}.json"
+    if kind not in PREPARED_KINDS or split not in SPLITS:
+        raise ValueError(f"no prepared file of kind {kind!r} and split {split!r}")
+    return f"{split}_{kind}_{data_name}.{PREPARED_KINDS[kind]}"
 
 
 def decode_tokens(ids, rev_word_map, word_map):
@@ -185,12 +205,19 @@ def save_checkpoint(path, state):
     import torch
 
     state = dict(state, format=CHECKPOINT_FORMAT)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: on a full disk torch.save's own writer fails with "unexpected pos"
+    with disk_errors(path, "(the previous file there, if any, is intact)"), atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
 
 
-def load_checkpoint(path):
-    """Load a checkpoint written by save_checkpoint onto the CPU; UserError if it is anything else."""
+MODEL_KEYS = ("config", "word_map", "encoder", "decoder")
+
+
+def load_checkpoint(path, required=MODEL_KEYS):
+    """Load a checkpoint written by save_checkpoint onto the CPU; UserError if it is anything else,
+    or if it lacks one of the `required` keys."""
     import pickle
     import zipfile
 
@@ -201,11 +228,194 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a checkpoint of this project ({first[:150]})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch marks words bold for terminals
+        first = text.splitlines()[0].strip() if text else type(err).__name__  # the whole sentence, not cut
+        raise UserError(f"{path}: not a checkpoint of this project ({first})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
+    for key in required:
+        if key not in state:
+            raise UserError(f"{path}: incomplete checkpoint: it has no '{key}' entry (was it written by another "
+                            "tool, or edited by hand?)")
     return state
+
+
+# ---------------------------------------------------------------------------
+# Command-line numbers: argparse types, so a bad value stops the run before any work is done.
+# ---------------------------------------------------------------------------
+
+
+def _checked_number(kind, text, ok, wanted):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    return _checked_number(int, text, lambda v: v >= 1, "a whole number of at least 1")
+
+
+def non_negative_int(text):
+    return _checked_number(int, text, lambda v: v >= 0, "a whole number of at least 0")
+
+
+def positive_float(text):
+    return _checked_number(float, text, lambda v: v > 0, "a number above 0")
+
+
+def non_negative_float(text):
+    return _checked_number(float, text, lambda v: v >= 0, "a number of at least 0")
+
+
+def probability(text):
+    return _checked_number(float, text, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+
+
+def int_at_least(minimum):
+    """argparse type: a whole number >= minimum."""
+    def check(text):
+        return _checked_number(int, text, lambda v: v >= minimum, f"a whole number of at least {minimum}")
+
+    check.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some messages
+    return check
+
+
+# ---------------------------------------------------------------------------
+# Output folders: checked before the work starts, locked while in use, cleaned after crashes.
+# ---------------------------------------------------------------------------
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file too large for the file system (or over the 'ulimit -f' limit)",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+LOCK_NAME = ".lock"
+LEFTOVER_PATTERNS = (".staging-*", ".*.tmp")  # old create_input_files staging folders; atomic_path's files
+
+
+@contextlib.contextmanager
+def disk_errors(what, note=""):
+    """Turn a full disk, a quota, or a read-only or forbidden place into one UserError line:
+    'WHAT: no space left on device NOTE'. Other errors pass through."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        raise UserError(f"{what}: {DISK_ERRORS[err.errno]}{' ' + note if note else ''}") from None
+
+
+def writable_dir(path, what, _shown=None):
+    """Check that `path` is a folder we may write in, or one we may create; UserError naming `what`
+    (e.g. '--out') if not. Creates nothing. Returns the absolute path."""
+    path = os.path.abspath(path)
+    shown = _shown or path
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == shown else f"{existing} is a file"
+        raise UserError(f"{what} {shown}: {where}, not a folder")
+    try:  # try it: permission bits say nothing for root, read-only mounts or ACLs
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"{what} {shown}: cannot write in {existing} ({err.strerror})") from None
+    return path
+
+
+def writable_file(path, what):
+    """Check that the file `path` can be written (its folder is writable; it is not a folder). Returns it absolute."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path}: is a folder; give a file name")
+    folder = writable_dir(os.path.dirname(os.path.abspath(path)), what, _shown=os.path.abspath(path))
+    return os.path.join(folder, os.path.basename(path))
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold an exclusive lock on `folder` (created if needed) while the block runs; a second run that asks
+    for it gets a UserError at once: 'FOLDER is in use by another run (pid N, WHAT)'. The lock is an
+    flock on FOLDER/.lock, so the system drops it when its holder dies, even by kill -9."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise UserError(f"{folder} is in use by another run ({owner}); wait for it to finish, "
+                                "or stop it") from None
+            raise UserError(f"{folder}: cannot lock {path} ({err.strerror})") from None
+        try:  # the last holder removes the file on release: make sure we locked the one that is there now
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, {what}".encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # still locked here, so no one can hold a lock on a removed file
+        os.close(fd)
+
+
+def _tree_bytes(path):
+    if os.path.islink(path) or not os.path.isdir(path):
+        return os.lstat(path).st_size
+    return sum(os.lstat(os.path.join(root, name)).st_size
+               for root, dirs, files in os.walk(path) for name in dirs + files)
+
+
+def size_text(num_bytes):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+
+
+def remove_leftovers(folder, also=(), log=print):
+    """Remove what interrupted runs left in `folder`: .staging-* folders, atomic_path's .NAME.XXXX.tmp files,
+    and the paths in `also`. Call it only while holding folder_lock(folder), so that no live run owns them.
+    Logs one line if anything was removed. Returns (names removed, bytes freed)."""
+    import fnmatch
+
+    if not os.path.isdir(folder):
+        return [], 0
+    found = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if any(fnmatch.fnmatchcase(name, pattern) for pattern in LEFTOVER_PATTERNS)]
+    found += [path for path in also if os.path.lexists(path) and path not in found]
+    names, freed = [], 0
+    for path in found:
+        try:
+            size = _tree_bytes(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise UserError(f"{path}: cannot remove this leftover of an interrupted run ({err.strerror})") from None
+        names.append(os.path.relpath(path, folder))
+        freed += size
+    if names and log:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        log(f"removed {len(names)} leftover{'s' if len(names) > 1 else ''} of interrupted runs from {folder} "
+            f"({size_text(freed)}): {shown}")
+    return names, freed
 
 
 # ---------------------------------------------------------------------------
@@ -254,3 +464,61 @@ class AverageMeter:
     @property
     def avg(self):
         return self.sum / max(self.count, 1)
+
+
+# ---------------------------------------------------------------------------
+# Processes under torchrun, and the random state a checkpoint carries
+# ---------------------------------------------------------------------------
+
+
+def setup_distributed(device_name):
+    """(rank, world, device): one process per GPU under torchrun; plain single-process otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # not started by torchrun (which also runs a one-process group, e.g. to test NCCL)
+        return 0, 1, pick_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def broadcast(value, world):
+    """Rank 0's value, on every rank."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rng_state():
+    """The torch, CUDA and Python random states: resuming from them continues the same random stream."""
+    import random
+
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))  # weights_only loading turns its tuples into lists
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x

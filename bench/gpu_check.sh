@@ -57,7 +57,7 @@ python - "$WORK" "$DRY" <<'EOF'
 import json, os, sys
 
 work, dry = sys.argv[1], sys.argv[2] == "1"
-def load(name):
+def read(name):
     return json.load(open(os.path.join(work, name)))
 def seconds(name):
     return float(open(os.path.join(work, name + ".seconds")).read())
@@ -66,17 +66,17 @@ def gpu(mib):
 
 rows = []
 shapes_log = [json.loads(line) for line in open(os.path.join(work, "runs", "shapes", "log.jsonl"))]
-test = load(os.path.join("runs", "shapes", "test_results.json"))["results"][0]
+test = read(os.path.join("runs", "shapes", "test_results.json"))["results"][0]
 rows.append(("shapes main job, --amp", f"{seconds('shapes') / 60:.2f} min, TEST BLEU-4 (beam {test['beam_size']}) "
              f"{test['scores']['Bleu_4']:.4f}", gpu(max((r.get('peak_gpu_mb') for r in shapes_log), default=None))))
 for name, mode, label in (("lite0", "cached", "Lite0 224 px, cached features"),
                           ("resnet50", "frozen", "ResNet-50 256 px, frozen"),
                           ("resnet50", "fine-tune", "ResNet-50 256 px, fine-tuned")):
     for tag in ("fp32", "amp"):
-        row = next(r for r in load(f"{name}_{tag}.json")["rows"] if r["mode"] == mode)
+        row = next(r for r in read(f"{name}_{tag}.json")["rows"] if r["mode"] == mode)
         mem = gpu(row["peak_mem_mib"]) if row["memory"] == "GPU" else "-"
         rows.append((f"training, {label}, {tag}", f"{row['images_per_s']:.1f} img/s", mem))
-decode = load("decode.json")
+decode = read("decode.json")
 beam5 = decode["rows"][0]
 rows.append(("beam-5 decoding, random 512-d model", f"{beam5['batched']:.1f} img/s batched, "
              f"{beam5['one_by_one']:.1f} one at a time", gpu(decode["peak_gpu_mib"])))

@@ -13,25 +13,39 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import create_input_files
-from conftest import BASE, ROOT, make_collection, prepare_args
-from dataset import CaptionDataset, ImageDataset, load_references
-from utils import UserError, load_image, progress
+from dataset import CaptionDataset, ImageDataset, load_references, reference_sentences
+from utils import UserError, load_image, prepared_name, progress
 
 
-def _prepare(tmp_path, *extra, json_path=None, **collection):
-    json_path = json_path or make_collection(str(tmp_path / "raw"), **collection)
-    out = str(tmp_path / "out")
-    create_input_files.main(prepare_args(json_path, out, *extra))
-    return out, json_path
+@pytest.fixture
+def prep(tmp_path, collection_factory, prepare_argv):
+    """prep(*extra, json_path=None, **collection) -> (out, json path): a collection made in tmp_path, prepared."""
+    def run(*extra, json_path=None, **collection):
+        json_path = json_path or collection_factory(str(tmp_path / "raw"), **collection)
+        out = str(tmp_path / "out")
+        create_input_files.main(prepare_argv(json_path, out, *extra))
+        return out, json_path
+
+    return run
 
 
-def _load(out, kind, split="TRAIN", base=BASE):
-    with open(os.path.join(out, f"{split}_{kind}_{base}.json")) as f:
-        return json.load(f)
+@pytest.fixture
+def load(tiny_base_name):
+    """load(out, kind, split="TRAIN") -> the content of one prepared JSON file."""
+    def read(out, kind, split="TRAIN"):
+        with open(os.path.join(out, prepared_name(kind, tiny_base_name, split))) as f:
+            return json.load(f)
+
+    return read
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+@pytest.fixture
+def cli(repo_root):
+    """cli(*args) -> the CompletedProcess of `python *args`, run in the repository."""
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True)
+
+    return run
 
 
 # ---------------------------------------------------------------------------
@@ -58,10 +72,10 @@ def test_round_trip_through_spawned_workers(prepared):
         assert sorted(decoded[i * 5 : i * 5 + 5]) == sorted(image_refs)
 
 
-def test_images_match_the_source_files(prepared, tmp_path):
+def test_images_match_the_source_files(prepared, tmp_path, load):
     folder, base = prepared
     raw = os.path.join(os.path.dirname(folder), "raw")
-    info = _load(folder, "IMAGEINFO", "VAL", base)
+    info = load(folder, "IMAGEINFO", "VAL")
     with h5py.File(os.path.join(folder, f"VAL_IMAGES_{base}.hdf5"), "r") as h5:
         for i, item in enumerate(info):
             expected = load_image(os.path.join(raw, item["file_name"]), 64)
@@ -81,7 +95,7 @@ def test_image_view_yields_each_image_once(prepared):
     assert len(CaptionDataset(*prepared, "TRAIN")) == 40
 
 
-def test_output_has_the_tutorial_layout(prepared):
+def test_output_has_the_tutorial_layout(prepared, load):
     folder, base = prepared
     word_map = json.load(open(os.path.join(folder, f"WORDMAP_{base}.json")))
     assert word_map["<pad>"] == 0
@@ -92,8 +106,8 @@ def test_output_has_the_tutorial_layout(prepared):
         # read it the way the sgrvinod tutorial's CaptionDataset does
         h = h5py.File(os.path.join(folder, f"{split}_IMAGES_{base}.hdf5"), "r")
         imgs, cpi = h["images"], h.attrs["captions_per_image"]
-        captions = _load(folder, "CAPTIONS", split, base)
-        caplens = _load(folder, "CAPLENS", split, base)
+        captions = load(folder, "CAPTIONS", split)
+        caplens = load(folder, "CAPLENS", split)
         assert imgs.dtype == np.uint8 and imgs.shape == (n, 3, 64, 64) and cpi == 5
         assert len(captions) == len(caplens) == n * cpi
         assert all(len(c) == 52 for c in captions)  # max_len 50 + <start> + <end>
@@ -102,8 +116,6 @@ def test_output_has_the_tutorial_layout(prepared):
 
 def test_tutorial_prepared_folder_loads(tmp_path):
     """A folder in the tutorial's layout: no REFS, no IMAGEINFO, its own word map."""
-    import eval as evaluation
-
     base = "coco_5_cap_per_img_5_min_word_freq"
     word_map = {"<pad>": 0, "a": 1, "dog": 2, "<unk>": 3, "<start>": 4, "<end>": 5}
     for split in ("TRAIN", "VAL", "TEST"):
@@ -118,7 +130,7 @@ def test_tutorial_prepared_folder_loads(tmp_path):
     image, caption, caplen, all_caps = data[3]
     assert image.shape == (3, 32, 32) and caplen.item() == 4 and all_caps.shape == (5, 52)
     assert load_references(str(tmp_path), base, "TEST") is None
-    refs = evaluation.reference_sentences(str(tmp_path), base, "TEST", 2)
+    refs = reference_sentences(str(tmp_path), base, "TEST", 2)
     assert refs[1] == ["a dog"] * 5
 
 
@@ -127,26 +139,28 @@ def test_tutorial_prepared_folder_loads(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_vocabulary_ignores_val_and_test_words(tmp_path):
-    out, _ = _prepare(tmp_path, extra_words={"val": "zebra", "test": "giraffe", "train": "lamp"})
-    word_map = json.load(open(os.path.join(out, f"WORDMAP_{BASE}.json")))
+def test_vocabulary_ignores_val_and_test_words(tmp_path, prep, load, tiny_base_name):
+    out, _ = prep(extra_words={"val": "zebra", "test": "giraffe", "train": "lamp"})
+    word_map = json.load(open(os.path.join(out, f"WORDMAP_{tiny_base_name}.json")))
     assert "lamp" in word_map
     assert "zebra" not in word_map and "giraffe" not in word_map
     # the raw references keep the words the vocabulary does not know
-    assert any("giraffe" in r for refs in _load(out, "REFS", "TEST") for r in refs)
+    assert any("giraffe" in r for refs in load(out, "REFS", "TEST") for r in refs)
 
 
-def test_rerun_replaces_the_output(tmp_path):
-    out, json_path = _prepare(tmp_path)
+def test_rerun_replaces_the_output(tmp_path, prep, prepare_argv):
+    out, json_path = prep()
     first = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".json")}
-    create_input_files.main(prepare_args(json_path, out))  # no "name already exists"
+    create_input_files.main(prepare_argv(json_path, out))  # no "name already exists"
     second = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".json")}
     assert first == second  # deterministic too
-    assert not [f for f in os.listdir(out) if f.startswith(".")]
+    assert [f for f in os.listdir(out) if f.startswith(".")] == [".prepared"]  # no lock, no staging folder
+    sets = sorted(os.listdir(os.path.join(out, ".prepared")))  # the link to the current set, and that set
+    assert len(sets) == 2 and os.readlink(os.path.join(out, ".prepared", sets[0])) == sets[1]
 
 
-def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    json_path = make_collection(str(tmp_path / "raw"))
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, collection_factory, prepare_argv):
+    json_path = collection_factory(str(tmp_path / "raw"))
     out = str(tmp_path / "out")
     real = create_input_files.write_split
 
@@ -157,19 +171,19 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(create_input_files, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        create_input_files.main(prepare_args(json_path, out))
+        create_input_files.main(prepare_argv(json_path, out))
     assert os.listdir(out) == []  # no TRAIN files, no staging folder
 
 
-def test_word_map_reuse(tmp_path):
-    out, json_path = _prepare(tmp_path)
+def test_word_map_reuse(tmp_path, prep, load, prepare_argv, tiny_base_name):
+    out, json_path = prep()
     fixed = {"<pad>": 0, "red": 1, "<unk>": 2, "<start>": 3, "<end>": 4}
     wm_path = tmp_path / "wm.json"
     wm_path.write_text(json.dumps(fixed))
     out2 = str(tmp_path / "out2")
-    create_input_files.main(prepare_args(json_path, out2, "--word-map", str(wm_path)))
-    assert json.load(open(os.path.join(out2, f"WORDMAP_{BASE}.json"))) == fixed
-    caps = _load(out2, "CAPTIONS")
+    create_input_files.main(prepare_argv(json_path, out2, "--word-map", str(wm_path)))
+    assert json.load(open(os.path.join(out2, f"WORDMAP_{tiny_base_name}.json"))) == fixed
+    caps = load(out2, "CAPTIONS")
     assert max(max(c) for c in caps) == 4
 
 
@@ -186,25 +200,26 @@ def _break_images(raw):
     open(os.path.join(imgs, "img002.jpg"), "w").write("this is not a picture")  # not an image
 
 
-def test_missing_and_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
-    json_path = make_collection(str(tmp_path / "raw"))
+def test_missing_and_unreadable_images_are_skipped_and_counted(tmp_path, capsys, load, collection_factory,
+                                                             prepare_argv, tiny_base_name):
+    json_path = collection_factory(str(tmp_path / "raw"))
     _break_images(str(tmp_path / "raw"))
     out = str(tmp_path / "out")
-    create_input_files.main(prepare_args(json_path, out))
+    create_input_files.main(prepare_argv(json_path, out))
     text = capsys.readouterr().out
     assert "images missing (TRAIN): 1" in text and "img000.jpg" in text
     assert "images skipped: unreadable: 2" in text and "img001.jpg" in text and "img002.jpg" in text
-    assert ImageDataset(out, BASE, "TRAIN").h5.num_images == 5
-    info = _load(out, "IMAGEINFO")
+    assert ImageDataset(out, tiny_base_name, "TRAIN").h5.num_images == 5
+    info = load(out, "IMAGEINFO")
     assert [i["file_name"] for i in info] == [f"imgs/img{i:03d}.jpg" for i in range(3, 8)]
-    assert len(_load(out, "CAPTIONS")) == 25 and len(_load(out, "REFS")) == 5
+    assert len(load(out, "CAPTIONS")) == 25 and len(load(out, "REFS")) == 5
 
 
-def test_strict_makes_a_bad_image_an_error(tmp_path):
-    json_path = make_collection(str(tmp_path / "raw"))
+def test_strict_makes_a_bad_image_an_error(tmp_path, cli, collection_factory, prepare_argv):
+    json_path = collection_factory(str(tmp_path / "raw"))
     _break_images(str(tmp_path / "raw"))
     out = str(tmp_path / "out")
-    result = _cli("create_input_files.py", *prepare_args(json_path, out, "--strict"))
+    result = cli("create_input_files.py", *prepare_argv(json_path, out, "--strict"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
@@ -217,30 +232,44 @@ def test_strict_makes_a_bad_image_an_error(tmp_path):
     (lambda d: d["images"][1]["sentences"][0].pop("tokens"), "missing field 'tokens'"),
     (lambda d: d.pop("images"), "missing field 'images'"),
 ])
-def test_malformed_caption_file_is_one_line_exit_2(tmp_path, mutate, field):
-    json_path = make_collection(str(tmp_path / "raw"))
+def test_malformed_caption_file_is_one_line_exit_2(tmp_path, mutate, field, cli, collection_factory, prepare_argv):
+    json_path = collection_factory(str(tmp_path / "raw"))
     data = json.load(open(json_path))
     mutate(data)
     json.dump(data, open(json_path, "w"))
     out = str(tmp_path / "out")
-    result = _cli("create_input_files.py", *prepare_args(json_path, out))
+    result = cli("create_input_files.py", *prepare_argv(json_path, out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "dataset_tiny.json" in lines[0]
     assert not os.path.exists(out)
 
 
-def test_not_json_is_one_line_exit_2(tmp_path):
+def test_karpathy_file_without_filepath(tmp_path, collection_factory, prepare_argv, load):
+    """Flickr's Karpathy files name no 'filepath': the images lie directly in --image-folder."""
+    json_path = collection_factory(str(tmp_path / "raw"))
+    data = json.load(open(json_path))
+    for img in data["images"]:
+        del img["filepath"]
+    json.dump(data, open(json_path, "w"))
+    out = str(tmp_path / "out")
+    argv = prepare_argv(json_path, out)
+    argv[argv.index("--image-folder") + 1] = str(tmp_path / "raw" / "imgs")
+    create_input_files.main(argv)
+    assert [i["file_name"] for i in load(out, "IMAGEINFO")] == [f"img{i:03d}.jpg" for i in range(8)]
+
+
+def test_not_json_is_one_line_exit_2(tmp_path, cli):
     bad = tmp_path / "captions.json"
     bad.write_text("{not json")
-    result = _cli("create_input_files.py", "--dataset", "coco", "--karpathy-json", str(bad),
+    result = cli("create_input_files.py", "--dataset", "coco", "--karpathy-json", str(bad),
                   "--image-folder", str(tmp_path), "--output-folder", str(tmp_path / "o"))
     assert result.returncode == 2 and "not valid JSON" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_caption_filtering_and_sampling(tmp_path, capsys):
-    json_path = make_collection(str(tmp_path / "raw"))
+def test_caption_filtering_and_sampling(tmp_path, capsys, prep, load, collection_factory, prepare_argv):
+    json_path = collection_factory(str(tmp_path / "raw"))
     data = json.load(open(json_path))
     sents = data["images"][0]["sentences"]
     sents[0]["tokens"] = []  # empty: dropped
@@ -249,19 +278,19 @@ def test_caption_filtering_and_sampling(tmp_path, capsys):
     data["images"][2]["sentences"] += [{"tokens": ["extra", "caption", str(i)]} for i in range(4)]  # more than 5
     data["images"][3]["sentences"] = [{"tokens": []}]  # no usable caption: image skipped
     json.dump(data, open(json_path, "w"))
-    out, _ = _prepare(tmp_path, json_path=json_path)
+    out, _ = prep(json_path=json_path)
     text = capsys.readouterr().out
     assert "captions dropped: empty: 2" in text and "captions dropped: longer than 50 words: 1" in text
     assert "images skipped: no usable caption: 1" in text
-    refs, caplens = _load(out, "REFS"), _load(out, "CAPLENS")
+    refs, caplens = load(out, "REFS"), load(out, "CAPLENS")
     assert len(refs) == 7 and len(caplens) == 35
     assert len(refs[0]) == 5  # raw references: every original caption, before filtering
     again = str(tmp_path / "again")
-    create_input_files.main(prepare_args(json_path, again))
-    assert _load(again, "CAPTIONS") == _load(out, "CAPTIONS")  # sampling is deterministic
+    create_input_files.main(prepare_argv(json_path, again))
+    assert load(again, "CAPTIONS") == load(out, "CAPTIONS")  # sampling is deterministic
     trunc = str(tmp_path / "trunc")
-    create_input_files.main(prepare_args(json_path, trunc, "--truncate-long", "--max-len", "20"))
-    assert max(_load(trunc, "CAPLENS")) == 22
+    create_input_files.main(prepare_argv(json_path, trunc, "--truncate-long", "--max-len", "20"))
+    assert max(load(trunc, "CAPLENS")) == 22
 
 
 # ---------------------------------------------------------------------------
@@ -269,8 +298,8 @@ def test_caption_filtering_and_sampling(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 
 
-def _flickr_files(tmp_path):
-    json_path = make_collection(str(tmp_path / "raw"))
+def _flickr_files(tmp_path, collection_factory):
+    json_path = collection_factory(str(tmp_path / "raw"))
     data = json.load(open(json_path))
     folder = tmp_path / "raw" / "imgs"
     lines, csv_rows, lists = [], ["image,caption"], {"train": [], "val": [], "test": []}
@@ -289,40 +318,40 @@ def _flickr_files(tmp_path):
     return str(folder), paths
 
 
-def test_flickr_token_file(tmp_path, capsys):
-    folder, lists = _flickr_files(tmp_path)
+def test_flickr_token_file(tmp_path, capsys, load, collection_factory):
+    folder, lists = _flickr_files(tmp_path, collection_factory)
     out = str(tmp_path / "out")
     create_input_files.main(["--dataset", "flickr8k", "--token-file", str(tmp_path / "tokens.txt"),
                              "--split-lists", *lists, "--image-folder", folder, "--output-folder", out,
                              "--image-size", "32", "--min-word-freq", "1", "--workers", "1"])
     text = capsys.readouterr().out
     assert "images in no split list, ignored: 1 (first: ghost.jpg)" in text
-    refs = _load(out, "REFS")
+    refs = load(out, "REFS")
     assert len(refs) == 8 and refs[0][0][0] == "a"  # lower-cased, '.' dropped
 
 
-def test_captions_csv_with_random_split(tmp_path):
-    folder, lists = _flickr_files(tmp_path)
+def test_captions_csv_with_random_split(tmp_path, load, collection_factory):
+    folder, lists = _flickr_files(tmp_path, collection_factory)
     out = str(tmp_path / "out")
     args = ["--dataset", "flickr8k", "--captions-csv", str(tmp_path / "captions.txt"), "--image-folder", folder,
             "--output-folder", out, "--image-size", "32", "--min-word-freq", "1", "--workers", "2",
             "--val-size", "3", "--test-size", "2"]
     create_input_files.main(args)
-    sizes = [len(_load(out, "IMAGEINFO", s)) for s in ("TRAIN", "VAL", "TEST")]
+    sizes = [len(load(out, "IMAGEINFO", s)) for s in ("TRAIN", "VAL", "TEST")]
     assert sizes == [7, 3, 2]
-    assert _load(out, "REFS")[0][0][-1] == "indeed"  # the quoted comma did not split the caption
-    first = _load(out, "IMAGEINFO", "VAL")
+    assert load(out, "REFS")[0][0][-1] == "indeed"  # the quoted comma did not split the caption
+    first = load(out, "IMAGEINFO", "VAL")
     create_input_files.main(args)
-    assert _load(out, "IMAGEINFO", "VAL") == first  # the random split is seeded
+    assert load(out, "IMAGEINFO", "VAL") == first  # the random split is seeded
 
 
-def test_captions_csv_with_split_lists(tmp_path):
-    folder, lists = _flickr_files(tmp_path)
+def test_captions_csv_with_split_lists(tmp_path, load, collection_factory):
+    folder, lists = _flickr_files(tmp_path, collection_factory)
     out = str(tmp_path / "out")
     create_input_files.main(["--dataset", "flickr8k", "--captions-csv", str(tmp_path / "captions.txt"),
                              "--split-lists", *lists, "--image-folder", folder, "--output-folder", out,
                              "--image-size", "32", "--min-word-freq", "1", "--workers", "1"])
-    assert [len(_load(out, "IMAGEINFO", s)) for s in ("TRAIN", "VAL", "TEST")] == [8, 2, 2]
+    assert [len(load(out, "IMAGEINFO", s)) for s in ("TRAIN", "VAL", "TEST")] == [8, 2, 2]
 
 
 # ---------------------------------------------------------------------------
@@ -371,9 +400,9 @@ def test_pixels_are_scaled_once(prepared):
     assert images.dtype == torch.uint8 and images.max() > 1
 
 
-def test_missing_prepared_files_are_a_user_error(tmp_path):
+def test_missing_prepared_files_are_a_user_error(tmp_path, tiny_base_name):
     with pytest.raises(UserError, match="create_input_files.py"):
-        CaptionDataset(str(tmp_path), BASE, "TRAIN")
+        CaptionDataset(str(tmp_path), tiny_base_name, "TRAIN")
 
 
 def test_progress_bars_redraw_rarely_when_written_to_a_log(tmp_path):

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import train
-from conftest import TINY_MODEL
 from decoding import beam_search
 from scst import CiderD, bad_ending_ids, constrain, sample_captions
 from models import DecoderWithAttention
@@ -58,29 +57,33 @@ def test_cider_d_length_penalty_by_hand():
 # Sampling
 # ---------------------------------------------------------------------------
 
-WORD_MAP = {"<pad>": 0, "a": 1, "dog": 2, "with": 3, "<unk>": 4, "<start>": 5, "<end>": 6}
 
 
-def test_constraints_block_bad_endings_and_repeats():
+@pytest.fixture
+def word_map(toy_word_map):
+    return toy_word_map('a', 'dog', 'with')  # <pad> 0, then these, then <unk>, <start>, <end>
+
+
+def test_constraints_block_bad_endings_and_repeats(word_map):
     log_probs = torch.zeros(3, 7)  # (rows, vocab)
     previous = torch.tensor([5, 3, 2])  # <start>, "with", "dog"
-    out = constrain(log_probs, previous, WORD_MAP, bad_ending_ids(WORD_MAP, previous.device))
+    out = constrain(log_probs, previous, word_map, bad_ending_ids(word_map, previous.device))
     assert torch.isinf(out[1, 6]) and torch.isinf(out[1, 3])  # no <end> after "with", no "with with"
     assert torch.isinf(out[2, 2]) and not torch.isinf(out[2, 6])  # no "dog dog"; "dog <end>" is fine
     assert torch.isinf(out[:, [0, 5]]).all()  # <pad> and <start> are never words
     assert not torch.isinf(out[0, [1, 2, 3, 4, 6]]).any()
 
 
-def test_sampler_shapes_masks_and_gradients():
+def test_sampler_shapes_masks_and_gradients(word_map):
     torch.manual_seed(0)
-    decoder = DecoderWithAttention(8, 8, 16, len(WORD_MAP), encoder_dim=12, dropout=0.0)
+    decoder = DecoderWithAttention(8, 8, 16, len(word_map), encoder_dim=12, dropout=0.0)
     features = torch.randn(4, 5, 12)
-    tokens, log_probs, mask = sample_captions(decoder, features, WORD_MAP, samples_per_image=3, max_len=6)
+    tokens, log_probs, mask = sample_captions(decoder, features, word_map, samples_per_image=3, max_len=6)
     assert tokens.shape == log_probs.shape == mask.shape and tokens.shape[0] == 12
     for row, m in zip(tokens.tolist(), mask.tolist()):
         n = int(sum(m))
         assert all(t == 0 for t in row[n:])  # padding after <end>
-        assert n == len(row) or row[n - 1] == WORD_MAP["<end>"]
+        assert n == len(row) or row[n - 1] == word_map["<end>"]
         assert all(a != b for a, b in zip(row[: n - 1], row[1:n]))  # no word twice in a row
     assert (log_probs * mask <= 0).all()
     (log_probs * mask).sum().backward()
@@ -130,7 +133,7 @@ def _greedy_train_cider(checkpoint_path, folder, name):
     return float(np.mean([cider.score(i, " ".join(rev[t] for t in h["tokens"])) for i, h in enumerate(hyps)]))
 
 
-def test_scst_raises_cider_where_cross_entropy_plateaus(tmp_path):
+def test_scst_raises_cider_where_cross_entropy_plateaus(tmp_path, tiny_model_args):
     import create_input_files
 
     json_path = _toy_collection(str(tmp_path / "raw"))
@@ -140,7 +143,7 @@ def test_scst_raises_cider_where_cross_entropy_plateaus(tmp_path):
                              "--min-word-freq", "1", "--workers", "1"])
     name = "coco_5_cap_per_img_1_min_word_freq"
     # pretrained features tell the colours apart (the shipped EfficientNet-Lite0 weights load offline)
-    model = [a for a in TINY_MODEL if a != "--no-pretrained"]
+    model = [a for a in tiny_model_args if a != "--no-pretrained"]
     common = ["--data-folder", folder, *model, "--decoder-lr", "5e-3", "--dropout", "0"]
     xe = str(tmp_path / "xe")
     train.main([*common, "--epochs", "15", "--out-dir", xe])

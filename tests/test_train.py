@@ -160,8 +160,8 @@ def test_demo_preset_applies_only_where_not_given():
 def test_disk_feature_cache_matches_ram_cache(prepared, tmp_path, tiny_model_args):
     common = ["--data-folder", prepared[0], *tiny_model_args, "--epochs", "2"]
     train.main([*common, "--out-dir", str(tmp_path / "ram")])
-    train.main([*common, "--out-dir", str(tmp_path / "disk"), "--cache", "disk"])
-    assert os.path.exists(tmp_path / "disk" / "features_TRAIN_rank0.hdf5")
+    train.main([*common, "--out-dir", str(tmp_path / "disk"), "--cache", "disk", "--cache-dir", str(tmp_path / "cache")])
+    assert [f for f in os.listdir(tmp_path / "cache") if f.startswith("features_TRAIN_")]
     assert _epoch_losses(str(tmp_path / "disk")) == _epoch_losses(str(tmp_path / "ram"))
 
 

@@ -1,0 +1,37 @@
+"""eval.py: the report it writes, and its errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import metrics
+
+
+def test_eval_report_fields_and_scores(prepared, tiny_checkpoint, tmp_path):
+    import eval as evaluation
+
+    out = str(tmp_path / "results.json")
+    report = evaluation.evaluate(tiny_checkpoint, prepared[0], None, "TEST", [1, 3], batch_size=2, out=out,
+                                 workers=0)
+    saved = json.load(open(out))
+    assert saved == json.loads(json.dumps(report))
+    assert {"checkpoint", "split", "data_folder", "results"} <= set(saved)
+    assert [r["beam_size"] for r in saved["results"]] == [1, 3]
+    refs = json.load(open(os.path.join(prepared[0], f"TEST_REFS_{prepared[1]}.json")))
+    for r in saved["results"]:
+        assert len(r["captions"]) == 2 and {"image_id", "caption"} <= set(r["captions"][0])
+        hyps = {i: c["caption"] for i, c in enumerate(r["captions"])}
+        direct = metrics.score_captions({i: [" ".join(t) for t in refs[i]] for i in hyps}, hyps, quiet=True)
+        assert r["scores"] == pytest.approx(direct)
+        assert "Bleu_4" in r["scores"] and "CIDEr" in r["scores"]
+
+
+def test_eval_cli_bad_checkpoint(tmp_path, repo_root):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    result = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(junk)], cwd=repo_root,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not a checkpoint of this project" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Short real-data smoke test on Flickr8k (about 200 images): prepare, train 1 epoch, eval, caption.
-#   bash bench/flickr8k_smoke.sh ../shared/data/flickr8k
+#   bash .ci/flickr8k_smoke.sh ../shared/data/flickr8k   (from the repository's root; .ci/run calls it)
 set -euo pipefail
 FLICKR=${1:-../shared/data/flickr8k}
 WORK=$(mktemp -d)

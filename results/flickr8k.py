@@ -1,8 +1,8 @@
-"""The Flickr8k benchmark: prepare, train (EfficientNet-Lite0 frozen, features cached), evaluate VAL.
+"""Reproduce the Flickr8k results in this folder: prepare, train (EfficientNet-Lite0 frozen, features cached), evaluate VAL.
 
-    python bench/flickr8k.py                         # about 75 minutes on 2 CPU cores
-    python bench/flickr8k.py --skip-prepare --skip-train   # only re-evaluate runs/flickr8k/best.pt
-    python bench/flickr8k.py --skip-prepare --scst-from runs/flickr8k/best.pt --out-dir runs/flickr8k_scst
+    python results/flickr8k.py                         # about 75 minutes on 2 CPU cores
+    python results/flickr8k.py --skip-prepare --skip-train   # only re-evaluate runs/flickr8k/best.pt
+    python results/flickr8k.py --skip-prepare --scst-from runs/flickr8k/best.pt --out-dir runs/flickr8k_scst
                                                      # the self-critical stage (at most 60 more minutes)
 
 Writes runs/flickr8k/benchmark.json and benchmark.md (BLEU-1..4, METEOR, ROUGE-L, CIDEr at beams 1, 3, 5,
@@ -47,7 +47,8 @@ def markdown(report):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flickr", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
+    # relative to the repository (every command runs there), so the reports carry no machine's paths
+    p.add_argument("--flickr", default=os.path.join("..", "shared", "data", "flickr8k"))
     p.add_argument("--data-folder", default=os.path.join("data", "flickr8k"))
     p.add_argument("--out-dir", default=os.path.join("runs", "flickr8k"))
     p.add_argument("--max-minutes", type=float, default=60)

@@ -11,13 +11,14 @@ import collections
 import os
 import sys
 
-import numpy as np
 import torch
 
 from decoding import beam_search
+from figures import attention_figure, save_figure
 from models import load_model
-from utils import (DISK_ERRORS, ImageLoadError, UserError, atomic_path, load_checkpoint, load_image,
-                   non_negative_float, open_rgb, pick_device, positive_int, run_cli, writable_dir, writable_file)
+from checkpoints import load_checkpoint
+from utils import (DISK_ERRORS, ImageLoadError, UserError, load_image, non_negative_float, open_rgb,
+                   pick_device, positive_int, run_cli, writable_dir, writable_file)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -83,49 +84,6 @@ def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty
     words = [rev[i] for i in hyp["tokens"]]
     grid = int(round(features.shape[1] ** 0.5))
     return words, hyp["alphas"].float().numpy(), grid
-
-
-def smooth_attention(alpha, grid, height, width):
-    """(num_pixels,) attention -> (height, width) map in [0, 1], upsampled smoothly."""
-    a = torch.from_numpy(alpha).view(1, 1, grid, grid)  # (1, 1, grid, grid)
-    a = torch.nn.functional.interpolate(a, size=(height, width), mode="bicubic", align_corners=False)[0, 0]  # (H, W)
-    a = a.clamp(min=0)
-    return (a / a.max().clamp(min=1e-12)).numpy()
-
-
-def attention_figure(picture, words, alphas, grid, columns=5):
-    """One panel per generated word: the picture, brightest where that word's attention was."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pic = np.asarray(picture, dtype=np.float32) / 255.0  # (H, W, 3)
-    h, w = pic.shape[:2]
-    n = max(len(words), 1)
-    rows = (n + columns - 1) // columns
-    cols = min(columns, n)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, rows * (2.6 * h / w + 0.45) + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, word in enumerate(words):
-        ax = axes.flat[i]
-        att = smooth_attention(alphas[i], grid, h, w)[..., None]  # (H, W, 1)
-        ax.imshow(pic * (0.2 + 0.8 * att))  # dim the places the model did not look at
-        ax.set_title(word, fontsize=13)
-    fig.suptitle(" ".join(words), fontsize=14)
-    fig.tight_layout()
-    return fig
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:  # a crash never leaves half a PNG
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
 
 
 def main(argv=None):

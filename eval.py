@@ -16,8 +16,9 @@ from dataset import ImageDataset, find_data_name, load_image_info, reference_sen
 from decoding import decode_batches
 from metrics import SCORE_NAMES, score_captions
 from models import load_model
-from utils import (DISK_ERRORS, UserError, decode_tokens, load_checkpoint, non_negative_float, non_negative_int,
-                   pick_device, positive_int, run_cli, writable_file, write_json)
+from checkpoints import load_checkpoint
+from utils import (DISK_ERRORS, UserError, decode_tokens, non_negative_float, non_negative_int, pick_device,
+                   positive_int, run_cli, writable_file, write_json)
 
 
 def parse_args(argv=None):

@@ -1,5 +1,8 @@
-"""Figures saved as PNG files (never shown on screen): training curves, and caption.py's attention panels."""
-import os
+"""Figures saved as PNG files (never shown on screen): caption.py's attention panels, and training curves."""
+import numpy as np
+import torch
+
+from utils import atomic_path
 
 
 def pyplot():
@@ -13,17 +16,46 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi=100):
-    """Write `fig` to `path` atomically (a crash never leaves half a PNG) and free it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp.png"
+    """Write `fig` to `path` as a PNG, atomically (a crash never leaves half a PNG), and free it."""
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         pyplot().close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Attention: one panel per word
+# ---------------------------------------------------------------------------
+
+
+def smooth_attention(alpha, grid, height, width):
+    """(num_pixels,) attention -> (height, width) map in [0, 1], upsampled smoothly."""
+    a = torch.from_numpy(alpha).view(1, 1, grid, grid)  # (1, 1, grid, grid)
+    a = torch.nn.functional.interpolate(a, size=(height, width), mode="bicubic", align_corners=False)[0, 0]  # (H, W)
+    a = a.clamp(min=0)
+    return (a / a.max().clamp(min=1e-12)).numpy()
+
+
+def attention_figure(picture, words, alphas, grid, columns=5):
+    """One panel per generated word: the picture, brightest where that word's attention was."""
+    plt = pyplot()
+    pic = np.asarray(picture, dtype=np.float32) / 255.0  # (H, W, 3)
+    h, w = pic.shape[:2]
+    n = max(len(words), 1)
+    rows = (n + columns - 1) // columns
+    cols = min(columns, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, rows * (2.6 * h / w + 0.45) + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, word in enumerate(words):
+        ax = axes.flat[i]
+        att = smooth_attention(alphas[i], grid, h, w)[..., None]  # (H, W, 1)
+        ax.imshow(pic * (0.2 + 0.8 * att))  # dim the places the model did not look at
+        ax.set_title(word, fontsize=13)
+    fig.suptitle(" ".join(words), fontsize=14)
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------

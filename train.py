@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
@@ -27,24 +26,22 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+import shapes
+from checkpoints import (MODEL_KEYS, RESUME_KEYS, checkpoint_state, load_checkpoint, repair_best,
+                         restore_training_state, save_epoch, set_rng_state)
 from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
 from decoding import decode_batches
 from features import (FeatureCache, caption_batches, configure_encoding, default_cache_dir, epoch_order,
                       loader_options, to_device)
-from figures import plot_curves
 from metrics import score_captions
 from models import build_decoder, build_encoder, load_weights
-import shapes
 from scst import CiderD, add_scst_options, check_scst_options, scst_one_epoch
-from utils import (MODEL_KEYS, AverageMeter, TrainingDiverged, UserError, atomic_path, broadcast, decode_tokens,
-                   disk_errors, folder_lock, load_checkpoint, non_negative_float, non_negative_int, peak_rss_mb,
-                   positive_float, positive_int, prepared_name, probability, progress, read_json, remove_leftovers,
-                   rng_state, run_cli, save_checkpoint, set_rng_state, setup_distributed, writable_dir)
+from utils import (AverageMeter, TrainingDiverged, UserError, broadcast, decode_tokens, folder_lock, non_negative_float,
+                   non_negative_int, peak_rss_mb, positive_float, positive_int, prepared_name, probability, progress,
+                   read_json, remove_leftovers, run_cli, setup_distributed, writable_dir)
 
 CONFIG_OPTIONS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim",
                   "attention_dim", "decoder_dim", "dropout")  # the options that shape the model: kept in its config
-TRAINING_KEYS = ("epoch", "phase", "select_on", "best_score", "epochs_since_improvement", "history", "rng",
-                 "decoder_optimizer", "encoder_optimizer", "scaler")  # what --resume needs beyond the model
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +188,7 @@ def setup_run(args, stack):
         data_name = args.data_name or find_data_name(args.data_folder)
     snapshot = snapshot_folder(args.data_folder, data_name)  # read every file from one set, even if re-prepared
     word_map = read_json(os.path.join(snapshot, prepared_name("WORDMAP", data_name)))
-    checkpoint = load_checkpoint(args.resume, MODEL_KEYS + TRAINING_KEYS) if args.resume else None
+    checkpoint = load_checkpoint(args.resume, MODEL_KEYS + RESUME_KEYS) if args.resume else None
     if checkpoint is not None and checkpoint["word_map"] != word_map:
         raise UserError(f"{args.resume} was trained with another word map than {args.data_folder}'s; "
                         "prepare the data with --word-map from that run")
@@ -387,42 +384,6 @@ def decode_split(run, encoder, decoder, split):
 # ---------------------------------------------------------------------------
 
 
-def checkpoint_state(run, epoch):
-    """Plain types and tensors only; the raw modules' weights, so the keys are the same under torchrun."""
-    return {
-        "config": run.config, "word_map": run.word_map, "epoch": epoch,
-        "encoder": run.encoder.state_dict(), "decoder": run.decoder.state_dict(),
-        "decoder_optimizer": run.decoder_opt.state_dict(),
-        "encoder_optimizer": run.encoder_opt.state_dict() if run.encoder_opt else None,
-        "scaler": run.scaler.state_dict(), "phase": run.phase, "select_on": run.select_on,
-        "best_score": run.best_score, "best_epoch": run.best_epoch,
-        "epochs_since_improvement": run.epochs_since_improvement, "history": run.history,
-        "rng": rng_state(), "data_folder": run.data_folder, "data_name": run.data_name,
-        "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-    }
-
-
-def restore_training_state(run, checkpoint):
-    same_phase = checkpoint["phase"] == run.phase
-    if same_phase:  # a new phase (frozen -> fine-tuning -> SCST) starts with fresh optimisers
-        run.decoder_opt.load_state_dict(checkpoint["decoder_optimizer"])
-        if run.encoder_opt is not None:
-            run.encoder_opt.load_state_dict(checkpoint["encoder_optimizer"])
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.start_epoch = checkpoint["epoch"] + 1
-    # a new selection metric (BLEU-4 -> CIDEr for SCST) starts a new "best"
-    if checkpoint["select_on"] == run.select_on:
-        run.best_score, run.best_epoch = checkpoint["best_score"], checkpoint.get("best_epoch", -1)
-    run.epochs_since_improvement = checkpoint["epochs_since_improvement"] if same_phase else 0
-    run.history = list(checkpoint["history"])
-
-
-def write_logs(out_dir, history):
-    with atomic_path(os.path.join(out_dir, "log.jsonl")) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    plot_curves(history, os.path.join(out_dir, "curves.png"))
-
-
 # ---------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------
@@ -449,30 +410,6 @@ def end_of_epoch(run, epoch, stats):
           f"val CIDEr {stats.get('val_CIDEr', 0):.4f}{' (best ' + run.select_on + ')' if improved else ''}, "
           f"{stats['img_per_s']:.0f} img/s")
     return run.epochs_since_improvement >= run.args.early_stop
-
-
-def save_epoch(run, state):
-    """last.pt first: it records which epoch is best, so a crash before best.pt is written is repaired on resume."""
-    save_checkpoint(os.path.join(run.out_dir, "last.pt"), state)
-    if state["best_epoch"] == state["epoch"]:
-        save_checkpoint(os.path.join(run.out_dir, "best.pt"), state)
-    with disk_errors(run.out_dir):
-        write_logs(run.out_dir, run.history)
-
-
-def repair_best(run, last):
-    """Resuming this folder's last.pt: if it is the best epoch but best.pt is missing or older (a crash
-    between the two saves), write best.pt again; rewrite the log to match last.pt's history."""
-    if os.path.abspath(os.path.dirname(run.args.resume)) != os.path.abspath(run.out_dir):
-        return  # a new phase in a new folder: that folder's best.pt is its own
-    best_path = os.path.join(run.out_dir, "best.pt")
-    if last.get("best_epoch") == last["epoch"]:
-        best = load_checkpoint(best_path) if os.path.exists(best_path) else None
-        if best is None or best["epoch"] != last["epoch"]:
-            print(f"note: {best_path} was not the best epoch ({last['epoch']}) that last.pt records: written again")
-            save_checkpoint(best_path, last)
-    with disk_errors(run.out_dir):
-        write_logs(run.out_dir, run.history)
 
 
 def train(run):

@@ -2,7 +2,6 @@
 import argparse
 import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -192,52 +191,6 @@ def load_image(path, size):
     except (OSError, ValueError) as err:  # truncated data can surface only when pixels are read
         raise ImageLoadError(f"{path}: unreadable image ({err})") from None
     return arr.transpose(2, 0, 1).copy()  # (3, size, size)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints: tensors and plain types only, so torch.load(weights_only=True) works.
-# ---------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "show-attend-tell/1"
-
-
-def save_checkpoint(path, state):
-    import torch
-
-    state = dict(state, format=CHECKPOINT_FORMAT)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # in memory first: on a full disk torch.save's own writer fails with "unexpected pos"
-    with disk_errors(path, "(the previous file there, if any, is intact)"), atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-
-
-MODEL_KEYS = ("config", "word_map", "encoder", "decoder")
-
-
-def load_checkpoint(path, required=MODEL_KEYS):
-    """Load a checkpoint written by save_checkpoint onto the CPU; UserError if it is anything else,
-    or if it lacks one of the `required` keys."""
-    import pickle
-    import zipfile
-
-    import torch
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch marks words bold for terminals
-        first = text.splitlines()[0].strip() if text else type(err).__name__  # the whole sentence, not cut
-        raise UserError(f"{path}: not a checkpoint of this project ({first})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
-    for key in required:
-        if key not in state:
-            raise UserError(f"{path}: incomplete checkpoint: it has no '{key}' entry (was it written by another "
-                            "tool, or edited by hand?)")
-    return state
 
 
 # ---------------------------------------------------------------------------
@@ -467,7 +420,7 @@ class AverageMeter:
 
 
 # ---------------------------------------------------------------------------
-# Processes under torchrun, and the random state a checkpoint carries
+# Processes under torchrun
 # ---------------------------------------------------------------------------
 
 
@@ -495,30 +448,3 @@ def broadcast(value, world):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def rng_state():
-    """The torch, CUDA and Python random states: resuming from them continues the same random stream."""
-    import random
-
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    import random
-
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))  # weights_only loading turns its tuples into lists
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x

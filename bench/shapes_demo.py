@@ -23,7 +23,7 @@ from dataset import ImageDataset, load_image_info  # noqa: E402
 from decoding import beam_search  # noqa: E402
 from models import load_model  # noqa: E402
 from shapes import SHAPES, load_boxes  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 
 
 def attention_hits(checkpoint_path, folder, shapes_json, beam_size):

@@ -9,10 +9,10 @@ from PIL import Image
 
 
 def test_attention_figure_has_one_panel_per_word():
-    import caption
+    import figures
 
     alphas = np.random.rand(4, 9).astype(np.float32)
-    fig = caption.attention_figure(Image.new("RGB", (80, 60), (100, 50, 0)), ["a", "red", "square", "here"], alphas, 3)
+    fig = figures.attention_figure(Image.new("RGB", (80, 60), (100, 50, 0)), ["a", "red", "square", "here"], alphas, 3)
     titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titled == ["a", "red", "square", "here"]
 

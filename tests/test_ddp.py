@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import train
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow  # each torchrun start costs seconds
 

@@ -22,7 +22,7 @@ import scst
 import train
 from decoding import beam_search
 from models import DecoderWithAttention
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Functions that make a new tensor from sizes or Python data: without device= they make it on the CPU.
@@ -198,7 +198,7 @@ def test_feature_cache_stays_on_the_gpu_only_when_it_fits(monkeypatch):
 def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     """CUDA tensors cannot be made here; load_checkpoint must map every storage to the CPU, which is what
     makes a GPU checkpoint load on a CPU-only machine. Record the map_location it asks for."""
-    from utils import save_checkpoint
+    from checkpoints import save_checkpoint
 
     path = str(tmp_path / "c.pt")
     save_checkpoint(path, {"config": {}, "word_map": {}, "encoder": {}, "decoder": {"w": torch.ones(2)}})

@@ -23,8 +23,9 @@ import torch
 
 import create_input_files
 from dataset import CaptionDataset, load_references
-from utils import (SPLITS, UserError, folder_lock, int_at_least, load_checkpoint, non_negative_float,
-                   non_negative_int, positive_float, positive_int, prepared_name, run_cli, save_checkpoint)
+from checkpoints import load_checkpoint, save_checkpoint
+from utils import (SPLITS, UserError, folder_lock, int_at_least, non_negative_float, non_negative_int,
+                   positive_float, positive_int, prepared_name, run_cli)
 
 NEW_SPLITS = ("train",) * 10 + ("val",) * 3  # the second collection: other sizes, other words, no TEST
 

@@ -12,7 +12,7 @@ import train
 from decoding import beam_search
 from scst import CiderD, bad_ending_ids, constrain, sample_captions
 from models import DecoderWithAttention
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 # ---------------------------------------------------------------------------
 # CIDEr-D

@@ -11,7 +11,8 @@ import shapes
 import train
 from decoding import beam_search
 from models import DecoderWithAttention
-from utils import UserError, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from utils import UserError
 
 
 def test_tiny_overfit_learns_eight_captions(toy_word_map):
@@ -268,7 +269,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(prep
                                                                              capsys, monkeypatch):
     import errno
 
-    import utils
+    import checkpoints
 
     out = str(tmp_path / "run")
     common = ["--data-folder", prepared[0], *tiny_model_args, "--out-dir", out]
@@ -276,11 +277,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(prep
     good = load_checkpoint(os.path.join(out, "last.pt"))
 
     def full_disk_open(path, mode="r", *args, **kwargs):
-        if "w" in mode:
+        if "w" in mode and ".last.pt." in os.path.basename(path):  # the disk fills while last.pt is written
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "open", full_disk_open, raising=False)  # how save_checkpoint writes its bytes
+    monkeypatch.setattr(checkpoints, "open", full_disk_open, raising=False)  # how save_checkpoint writes its bytes
     code, error = _one_error_line(capsys, [*common, "--epochs", "2", "--resume", os.path.join(out, "last.pt")])
     assert code == 2 and "no space left on device" in error and "last.pt" in error
     assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == good["epoch"] == 0
@@ -312,8 +313,8 @@ def test_a_really_full_disk_is_one_line(prepared, tiny_model_args, repo_root, tm
 
 DIE_WHILE_SAVING = """
 import os, signal, sys
-import train, utils
-n, real, calls = int(os.environ["DIE_AT_SAVE"]), train.save_checkpoint, []
+import checkpoints, train, utils
+n, real, calls = int(os.environ["DIE_AT_SAVE"]), checkpoints.save_checkpoint, []
 
 def dying(path, state):  # the n-th save writes part of its temporary file, then the process is killed
     calls.append(path)
@@ -324,7 +325,7 @@ def dying(path, state):  # the n-th save writes part of its temporary file, then
             os.kill(os.getpid(), signal.SIGKILL)
     real(path, state)
 
-train.save_checkpoint = dying
+checkpoints.save_checkpoint = dying
 utils.run_cli(lambda: train.main(sys.argv[1:]))
 """
 

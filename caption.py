@@ -13,10 +13,10 @@ import sys
 
 import torch
 
+from checkpoints import load_checkpoint
 from decoding import beam_search
 from figures import attention_figure, save_figure
 from models import load_model
-from checkpoints import load_checkpoint
 from utils import (DISK_ERRORS, ImageLoadError, UserError, load_image, non_negative_float, open_rgb,
                    pick_device, positive_int, run_cli, writable_dir, writable_file)
 

@@ -10,13 +10,15 @@ import os
 import tempfile
 import time
 
+import torch
 from torch.utils.data import DataLoader
 
-from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences
+from checkpoints import load_checkpoint
+from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences, snapshot_folder
 from decoding import decode_batches
+from features import loader_options
 from metrics import SCORE_NAMES, score_captions
 from models import load_model
-from checkpoints import load_checkpoint
 from utils import (DISK_ERRORS, UserError, decode_tokens, non_negative_float, non_negative_int, pick_device,
                    positive_int, run_cli, writable_file, write_json)
 
@@ -46,6 +48,7 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
              encoder_precision="auto"):
     """Decode and score; print a table; write the JSON report. Returns the report dict."""
     checkpoint = load_checkpoint(checkpoint_path)
+    device = torch.device(device)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"eval_{split.lower()}.json")
     writable_file(out, "--out")  # now, not after all the decoding
     data_folder = data_folder or checkpoint.get("data_folder")
@@ -55,12 +58,13 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     encoder, decoder = load_model(checkpoint, device, encoder_precision=encoder_precision)
     word_map = checkpoint["word_map"]  # decode with the checkpoint's own vocabulary
     rev_word_map = {v: k for k, v in word_map.items()}
-    images = ImageDataset(data_folder, data_name, split)
-    refs = reference_sentences(data_folder, data_name, split, len(images))
-    info = load_image_info(data_folder, data_name, split, len(images))
+    snapshot = snapshot_folder(data_folder, data_name)  # every file from one whole prepared set
+    images = ImageDataset(snapshot, data_name, split)
+    refs = reference_sentences(snapshot, data_name, split, len(images))
+    info = load_image_info(snapshot, data_name, split, len(images))
 
     start = time.time()
-    batches = DataLoader(images, batch_size=batch_size, num_workers=workers)
+    batches = DataLoader(images, batch_size=batch_size, num_workers=workers, **loader_options(device))
     hyps = decode_batches(encoder, decoder, batches, word_map, list(beam_sizes), max_len, length_penalty,
                           suppress_unk, device, constrained=checkpoint["config"].get("constrained_decoding", False))
     seconds = time.time() - start

@@ -98,7 +98,7 @@ def _resnet_backbone(name, pretrained, weights_path, feature_stride):
         try:
             net = getattr(torchvision.models, name)(weights=weights)
         except (OSError, RuntimeError, ValueError) as err:
-            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__  # the whole first line
             hub = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
             raise WeightsUnavailable(
                 f"cannot get ImageNet weights for {name} ({reason}). Ways out: --encoder efficientnet_lite0 "
@@ -111,7 +111,8 @@ def _read_weights_file(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to read the user's file is a user error
-        raise WeightsUnavailable(f"{path}: cannot read encoder weights ({str(err).splitlines()[0][:120]})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsUnavailable(f"{path}: cannot read encoder weights ({reason})") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpoints import load_checkpoint  # noqa: E402
 from dataset import ImageDataset, find_data_name  # noqa: E402
 from decoding import beam_search  # noqa: E402
 from models import DecoderWithAttention, load_model  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
 from utils import peak_rss_mb, pick_device  # noqa: E402
 
 

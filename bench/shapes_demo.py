@@ -19,11 +19,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoints import load_checkpoint  # noqa: E402
 from dataset import ImageDataset, load_image_info  # noqa: E402
 from decoding import beam_search  # noqa: E402
 from models import load_model  # noqa: E402
 from shapes import SHAPES, load_boxes  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
 
 
 def attention_hits(checkpoint_path, folder, shapes_json, beam_size):

@@ -20,9 +20,9 @@ import eval as evaluation
 import features
 import scst
 import train
+from checkpoints import load_checkpoint
 from decoding import beam_search
 from models import DecoderWithAttention
-from checkpoints import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Functions that make a new tensor from sizes or Python data: without device= they make it on the CPU.

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import create_input_files
-from dataset import CaptionDataset, load_references
 from checkpoints import load_checkpoint, save_checkpoint
+from dataset import CaptionDataset, load_references
 from utils import (SPLITS, UserError, folder_lock, int_at_least, non_negative_float, non_negative_int,
                    positive_float, positive_int, prepared_name, run_cli)
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import train
-from decoding import beam_search
-from scst import CiderD, bad_ending_ids, constrain, sample_captions
-from models import DecoderWithAttention
 from checkpoints import load_checkpoint
+from decoding import beam_search
+from models import DecoderWithAttention
+from scst import CiderD, bad_ending_ids, constrain, sample_captions
 
 # ---------------------------------------------------------------------------
 # CIDEr-D

@@ -9,9 +9,9 @@ import torch
 
 import shapes
 import train
+from checkpoints import load_checkpoint, save_checkpoint
 from decoding import beam_search
 from models import DecoderWithAttention
-from checkpoints import load_checkpoint, save_checkpoint
 from utils import UserError
 
 

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="print captions only")
     p.add_argument("--device", default="auto")
     p.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="what the encoder computes in; auto: bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
+                   help="what the encoder computes in; auto: reduced precision where measured faster at equal "
+                        "quality (models.AUTO_PRECISION), else fp32")
     return p.parse_args(argv)
 
 

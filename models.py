@@ -30,9 +30,12 @@ LITE0_STRIDE16_BLOCKS = 11  # blocks 0-10 of EfficientNet-Lite0 end at stride 16
 # --encoder-precision: the dtype the frozen CNN computes in (its features are returned as float32)
 ENCODER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# what "auto" means per device: the reduced precision is the default only where its VAL BLEU-4 stays within
-# 0.2 of fp32's; set an entry to "fp32" if a measurement says otherwise
-AUTO_PRECISION = {"cpu": "bf16", "cuda": "fp16"}
+# What "auto" means, per device and encoder family. Reduced precision is the default only where it is faster
+# and VAL BLEU-4 stays within 0.2 points of fp32's. Measured on a 2-core AVX-512-bf16 CPU (README, Results):
+# Lite0 1.5-1.7x faster in bf16, VAL BLEU-4 at beam 3 20.34 against 20.31; ResNet-101 0.75x (slower) in bf16.
+# CUDA's fp16 has not been measured here (no GPU): bench/gpu_check.sh is where to check it.
+AUTO_PRECISION = {("cpu", "efficientnet"): "bf16", ("cpu", "resnet"): "fp32",
+                  ("cuda", "efficientnet"): "fp16", ("cuda", "resnet"): "fp16"}
 
 
 def encoder_dim(name, feature_stride=32):
@@ -62,15 +65,16 @@ def cpu_has_native_bf16():
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def resolve_precision(precision, device_type):
-    """'auto' | 'fp32' | 'bf16' | 'fp16' -> the one the encoder runs in on `device_type` (never 'auto')."""
+def resolve_precision(precision, device_type, encoder_name):
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> the one `encoder_name` runs in on `device_type` (never 'auto')."""
     if precision not in ENCODER_PRECISIONS:
         raise UserError(f"unknown encoder precision '{precision}' (choose from {', '.join(ENCODER_PRECISIONS)})")
     if precision != "auto":
         return precision
     if device_type == "cpu" and not cpu_has_native_bf16():
         return "fp32"
-    return AUTO_PRECISION.get(device_type, "fp32")
+    family = "efficientnet" if encoder_name.startswith("efficientnet") else "resnet"
+    return AUTO_PRECISION.get((device_type, family), "fp32")
 
 
 def normalise_images(images, mean, std):
@@ -196,7 +200,7 @@ class Encoder(nn.Module):
         -> float32 features (batch, num_pixels, encoder_dim)."""
         if torch.is_grad_enabled() and self.trainable:  # being fine-tuned: --amp decides training's precision
             return self._features(x)
-        name = resolve_precision(self.precision, x.device.type)
+        name = resolve_precision(self.precision, x.device.type, self.name)
         with torch.autocast(x.device.type, dtype=PRECISION_DTYPES[name], enabled=name != "fp32"):
             features = self._features(x)  # (batch, num_pixels, encoder_dim)
         if name == "fp16" and not torch.isfinite(features).all():
@@ -213,7 +217,7 @@ class Encoder(nn.Module):
 
     def set_precision(self, precision):
         """'auto' | 'fp32' | 'bf16' | 'fp16': what the frozen CNN computes in (checked here, resolved per device)."""
-        resolve_precision(precision, "cpu")  # a UserError for an unknown name
+        resolve_precision(precision, "cpu", self.name)  # a UserError for an unknown name
         self.precision = precision
         return self
 

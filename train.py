@@ -86,8 +86,8 @@ def build_parser():
     t.add_argument("--cache-dir", help="where --cache disk files go (default: cache/ in --data-folder, "
                                        "or in --out-dir if that folder is read-only)")
     t.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="what the frozen encoder computes in; auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
-                        "else fp32")
+                   help="what the frozen encoder computes in; auto: reduced precision where measured faster at "
+                        "equal quality (models.AUTO_PRECISION), else fp32")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=positive_int, help="stop each epoch after this many batches (quick trials)")
     t.add_argument("--max-minutes", type=positive_float,

@@ -146,7 +146,8 @@ def describe_machine(devices):
           f"load average {os.getloadavg()[0]:.2f}")
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"{device}: {name}; --encoder-precision auto -> {resolve_precision('auto', device.type)}")
+        auto = {e: resolve_precision("auto", device.type, e) for e in IMAGE_SIZES}
+        print(f"{device}: {name}; --encoder-precision auto -> {auto}")
 
 
 def build_encoder(name):
@@ -165,7 +166,7 @@ def bench_device(device, args, rows, folder):
     for name in args.encoders:
         size = IMAGE_SIZES[name]
         encoder = build_encoder(name).to(device)
-        auto = resolve_precision("auto", device.type)
+        auto = resolve_precision("auto", device.type, name)
         for precision in precisions:
             encoder.set_precision(precision)
             for batch in args.batch_sizes:

@@ -42,7 +42,10 @@ def load_checkpoint(path, required=MODEL_KEYS):
         raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False, which could run code
+        raise UserError(f"{path}: not a checkpoint of this project (not a torch.save file of tensors and plain "
+                        "types only; anything else is refused, since loading it could run code.)") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch marks words bold for terminals
         first = text.splitlines()[0].strip() if text else type(err).__name__  # the whole sentence, not cut
         raise UserError(f"{path}: not a checkpoint of this project ({first})") from None

@@ -186,6 +186,10 @@ def setup_run(args, stack):
             dist.barrier()
     else:
         data_name = args.data_name or find_data_name(args.data_folder)
+    out_dir = args.out_dir or os.path.join("runs", data_name)
+    if rank == 0:  # only rank 0 writes; the lock keeps a second run out of this folder until the first ends
+        stack.enter_context(folder_lock(writable_dir(out_dir, "--out-dir"), "train.py"))
+        remove_leftovers(out_dir)
     snapshot = snapshot_folder(args.data_folder, data_name)  # read every file from one set, even if re-prepared
     word_map = read_json(os.path.join(snapshot, prepared_name("WORDMAP", data_name)))
     checkpoint = load_checkpoint(args.resume, MODEL_KEYS + RESUME_KEYS) if args.resume else None
@@ -212,7 +216,7 @@ def setup_run(args, stack):
     dtype, scaled = precision(device, args.amp)
     run = RunState(
         args=args, started=started, rank=rank, world=world, device=device, data_folder=args.data_folder,
-        snapshot=snapshot, data_name=data_name, out_dir=args.out_dir or os.path.join("runs", data_name), config=config,
+        snapshot=snapshot, data_name=data_name, out_dir=out_dir, config=config,
         word_map=word_map, rev_word_map={v: k for k, v in word_map.items()}, fine_tune=fine_tune,
         phase="scst" if args.scst else ("xe_fine_tune" if fine_tune else "xe"),
         select_on="CIDEr" if args.scst else "Bleu_4", encoder=encoder, decoder=decoder,
@@ -222,9 +226,6 @@ def setup_run(args, stack):
         trainable_parameters=[p for p in list(decoder.parameters()) + list(encoder.parameters()) if p.requires_grad],
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext,
         scaler=torch.amp.GradScaler(device.type, enabled=scaled))
-    if rank == 0:  # only rank 0 writes; the lock keeps a second run out of this folder until the first ends
-        stack.enter_context(folder_lock(writable_dir(run.out_dir, "--out-dir"), "train.py"))
-        remove_leftovers(run.out_dir)
     if checkpoint is not None:
         restore_training_state(run, checkpoint)
         if rank == 0:

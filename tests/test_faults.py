@@ -496,6 +496,7 @@ def test_checkpoint_error_keeps_whole_sentences(tmp_path):
         load_checkpoint(foreign)
     message = str(err.value)
     assert "\n" not in message and message.endswith(".)"), message  # a sentence, whole, then the bracket
+    assert "weights_only" not in message  # torch's advice to load unsafely must not reach the user
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ ENCODER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What "auto" means, per device and encoder family. Reduced precision is the default only where it is faster
 # and VAL BLEU-4 stays within 0.2 points of fp32's. Measured on a 2-core AVX-512-bf16 CPU (README, Results):
-# Lite0 1.5-1.7x faster in bf16, VAL BLEU-4 at beam 3 20.34 against 20.31; ResNet-101 0.75x (slower) in bf16.
+# the Lite0 CNN 1.5-2.05x faster in bf16 (1.44x end to end in eval.py), VAL BLEU-4 at beam 3 20.34 against
+# 20.31; the ResNet-101 CNN 0.74x (slower) in bf16.
 # CUDA's fp16 has not been measured here (no GPU): bench/gpu_check.sh is where to check it.
 AUTO_PRECISION = {("cpu", "efficientnet"): "bf16", ("cpu", "resnet"): "fp32",
                   ("cuda", "efficientnet"): "fp16", ("cuda", "resnet"): "fp16"}

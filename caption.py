@@ -1,6 +1,7 @@
 """Caption images with a trained checkpoint and draw where the model looked for each word.
 
-    python caption.py --checkpoint runs/shapes/best.pt --img photo.jpg [more.jpg ...] [--out fig.png]
+    python caption.py --img photo.jpg [more.jpg ...] [--out fig.png]   # the bundled pretrained model
+    python caption.py --checkpoint runs/shapes/best.pt --img photo.jpg
     python caption.py --checkpoint runs/shapes/best.pt --img-dir photos/ --out figures/
 
 A bad image (missing, not an image, a decompression bomb) or a figure that cannot be written gets a
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from checkpoints import load_checkpoint
+from checkpoints import DEFAULT_MODEL, load_checkpoint
 from decoding import beam_search
 from figures import attention_figure, save_figure
 from models import load_model
@@ -28,7 +29,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--img", nargs="+", help="image file(s)")
     src.add_argument("--img-dir", help="caption every image in this folder")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=DEFAULT_MODEL,
+                   help="a model file (default: the bundled Flickr8k model, %(default)s)")
     p.add_argument("--beam-size", type=positive_int, default=5)
     p.add_argument("--length-penalty", type=non_negative_float, default=0.0)
     p.add_argument("--max-len", type=positive_int, default=50)
@@ -76,14 +78,18 @@ def figure_paths(out, image_paths):
 
 
 @torch.no_grad()
-def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50, constrained=False):
-    """image: (3, S, S) uint8 array. Returns (words, alphas (len(words), num_pixels), grid size)."""
+def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50, constrained=False,
+                  with_beams=False):
+    """image: (3, S, S) uint8 array. Returns (words, alphas (len(words), num_pixels), grid size), and with
+    with_beams=True also the finished beams ({tokens, score, log_prob}, best first)."""
     device = next(decoder.parameters()).device
     features = encoder(torch.from_numpy(image).unsqueeze(0).to(device))  # (1, num_pixels, encoder_dim)
     hyp = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, constrained=constrained)[0]
     rev = {v: k for k, v in word_map.items()}
     words = [rev[i] for i in hyp["tokens"]]
     grid = int(round(features.shape[1] ** 0.5))
+    if with_beams:
+        return words, hyp["alphas"].float().numpy(), grid, hyp["beams"]
     return words, hyp["alphas"].float().numpy(), grid
 
 
@@ -122,7 +128,8 @@ def main(argv=None):
         if plot:
             picture.thumbnail((400, 400))
             try:
-                save_figure(attention_figure(picture, words, alphas, grid), figure)
+                hard = checkpoint["config"].get("attention") == "hard"  # draw the chosen cell, not a heat map
+                save_figure(attention_figure(picture, words, alphas, grid, hard=hard), figure)
             except OSError as err:  # e.g. the disk filled up: the next images are still captioned
                 reason = DISK_ERRORS.get(err.errno) or err.strerror or str(err)
                 print(f"error: {figure}: cannot write the figure ({reason})", file=sys.stderr)

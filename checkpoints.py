@@ -30,8 +30,8 @@ def save_checkpoint(path, state):
             f.write(buffer.getbuffer())
 
 
-MODEL_KEYS = ("config", "word_map", "encoder", "decoder")  # what eval.py and caption.py need
-RESUME_KEYS = ("epoch", "phase", "select_on", "best_score", "epochs_since_improvement", "history", "rng",
+MODEL_KEYS = ("config", "word_map", "decoder")  # what eval.py and caption.py need (and "encoder", or see below)
+RESUME_KEYS = ("encoder", "epoch", "phase", "select_on", "best_score", "epochs_since_improvement", "history", "rng",
                "decoder_optimizer", "encoder_optimizer", "scaler")  # what --resume needs beyond the model
 
 
@@ -56,6 +56,21 @@ def load_checkpoint(path, required=MODEL_KEYS):
             raise UserError(f"{path}: incomplete checkpoint: it has no '{key}' entry (was it written by another "
                             "tool, or edited by hand?)")
     return state
+
+
+# The bundled pretrained model (export.py writes it): caption.py, eval.py and demo.py use it by default
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "flickr8k_lite2_scst.pt")
+
+
+def export_inference(checkpoint, encoder_digest, dtype=torch.float16):
+    """A trained checkpoint -> an inference-only one: the decoder's weights in `dtype`, the config, the word
+    map, and no encoder weights: the encoder is rebuilt from its pip package, whose weights must hash to
+    `encoder_digest` (models.Encoder.weights_digest), checked when the model is loaded."""
+    decoder = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint["decoder"].items()}
+    config = dict(checkpoint["config"], pretrained=True)
+    keep = ("data_folder", "data_name", "epoch", "best_score", "select_on", "history")
+    return {"config": config, "word_map": checkpoint["word_map"], "decoder": decoder,
+            "encoder_digest": encoder_digest, "inference_only": True, **{k: checkpoint[k] for k in keep if k in checkpoint}}
 
 
 def rng_state():
@@ -94,6 +109,7 @@ def checkpoint_state(run, epoch):
         "epochs_since_improvement": run.epochs_since_improvement, "history": run.history,
         "rng": rng_state(), "data_folder": run.data_folder, "data_name": run.data_name,
         "args": {k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "hard_baseline": run.hard_baseline.state_dict() if run.hard_baseline is not None else None,
     }
 
 
@@ -110,6 +126,8 @@ def restore_training_state(run, checkpoint):
         run.best_score, run.best_epoch = checkpoint["best_score"], checkpoint.get("best_epoch", -1)
     run.epochs_since_improvement = checkpoint["epochs_since_improvement"] if same_phase else 0
     run.history = list(checkpoint["history"])
+    if run.hard_baseline is not None and checkpoint.get("hard_baseline"):
+        run.hard_baseline.load_state_dict(checkpoint["hard_baseline"])
 
 
 def write_logs(out_dir, history):

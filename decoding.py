@@ -18,7 +18,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     max_len words, the best unfinished hypothesis is returned instead of failing.
 
     Returns one dict per image: tokens (word ids, no <start>/<end>), score, log_prob,
-    finished (bool), alphas (len(tokens), num_pixels) with each word's attention.
+    finished (bool), alphas (len(tokens), num_pixels) with each word's attention, and beams: every
+    finished hypothesis of the image as {tokens, score, log_prob}, best first (the best alone if none finished).
     """
     k, vocab = beam_size, decoder.vocab_size
     start, end, unk = word_map[START], word_map[END], word_map[UNK]
@@ -40,6 +41,7 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         bad_ids = bad_ending_ids(word_map, device)  # (num_bad,)
     best = [None] * batch
     n_finished = [0] * batch
+    found = [[] for _ in range(batch)]  # every finished hypothesis of each image
 
     for t in range(max_len):  # at most max_len words, <end> included
         live, beams = scores.shape  # beams is 1 at the first step, k after
@@ -60,7 +62,7 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         h, c = h[rows], c[rows]  # (live * k, decoder_dim) x2
 
         ended = word == end  # (live, k)
-        _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k)
+        _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k, found)
         scores = scores.masked_fill(ended, float("-inf"))  # finished beams leave the search
 
         keep = _still_searching(scores, images, best, n_finished, k, length_penalty)  # (live,) bool
@@ -74,11 +76,14 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         words = word.view(-1)  # (live * k,)
 
     _fill_unfinished(scores, seqs, alpha_seqs, images, best, length_penalty, k)
+    for hyp, beams in zip(best, found):
+        summary = {key: hyp[key] for key in ("tokens", "score", "log_prob")}
+        hyp["beams"] = sorted(beams, key=lambda b: b["score"], reverse=True) if beams else [summary]
     return best
 
 
-def _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k):
-    """Record hypotheses that just emitted <end>, keeping each image's best by normalised score."""
+def _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k, found):
+    """Record hypotheses that just emitted <end> in `found`, and each image's best by normalised score."""
     for i, j in ended.nonzero().tolist():
         log_prob = float(scores[i, j])
         if log_prob == float("-inf"):
@@ -87,6 +92,7 @@ def _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished,
         length = seqs.shape[1]  # words + <end>
         score = log_prob / length**length_penalty
         n_finished[img] += 1
+        found[img].append({"tokens": seqs[row, :-1].tolist(), "score": score, "log_prob": log_prob})
         if best[img] is None or score > best[img]["score"]:
             best[img] = {"tokens": seqs[row, :-1].tolist(), "score": score, "log_prob": log_prob,
                          "finished": True, "alphas": alpha_seqs[row, :-1].cpu()}

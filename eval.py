@@ -40,13 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="what the encoder computes in; auto: reduced precision where measured faster at equal "
                         "quality (models.AUTO_PRECISION), else fp32")
+    p.add_argument("--hard-inference", choices=["expected", "argmax"],
+                   help="a hard-attention model's context when decoding (default: what its checkpoint records)")
     p.add_argument("--out", help="JSON file for scores and captions (default: next to the checkpoint)")
     return p.parse_args(argv)
 
 
 def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", beam_sizes=(3,), batch_size=32,
              device="cpu", out=None, length_penalty=0.0, max_len=50, suppress_unk=False, workers=2,
-             encoder_precision="auto"):
+             encoder_precision="auto", hard_inference=None):
     """Decode and score; print a table; write the JSON report. Returns the report dict."""
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device(device)
@@ -56,6 +58,10 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     if not data_folder:
         raise UserError("give --data-folder (the checkpoint does not name one)")
     data_name = data_name or find_data_name(data_folder)
+    if hard_inference:
+        if checkpoint["config"].get("attention") != "hard":
+            raise UserError("--hard-inference applies to hard-attention models only")
+        checkpoint["config"]["hard_inference"] = hard_inference
     encoder, decoder = load_model(checkpoint, device, encoder_precision=encoder_precision)
     word_map = checkpoint["word_map"]  # decode with the checkpoint's own vocabulary
     rev_word_map = {v: k for k, v in word_map.items()}
@@ -118,7 +124,7 @@ def main(argv=None):
     args = parse_args(argv)
     evaluate(args.checkpoint, args.data_folder, args.data_name, args.split, args.beam_size, args.batch_size,
              pick_device(args.device), args.out, args.length_penalty, args.max_len, args.suppress_unk, args.workers,
-             encoder_precision=args.encoder_precision)
+             encoder_precision=args.encoder_precision, hard_inference=args.hard_inference)
 
 
 if __name__ == "__main__":

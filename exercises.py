@@ -277,6 +277,8 @@ CHECKS = {  # exercise: (its row in the table, its module in exercise_checks/)
     5: ("train.py    compute_loss", "ex5_compute_loss"),
     6: ("train.py    optimisation_step", "ex6_optimisation_step"),
     7: ("train.py    loss/top-5 loop of validate", "ex7_validation_loop"),
+    8: ("hard_attention.py  sample_locations", "ex8_hard_sampling"),
+    9: ("hard_attention.py  hard_attention_objective", "ex9_reinforce"),
 }
 
 

@@ -23,7 +23,7 @@ from utils import UserError, atomic_path, progress
 # keep the cache on the GPU only while it leaves this share of the free memory to training
 GPU_CACHE_SHARE = 0.5
 STORE_DTYPE = torch.bfloat16
-CACHE_FORMAT = 2  # bump when the file layout changes: files of another format get another name
+CACHE_FORMAT = 3  # bump when the file layout changes: files of another format get another name
 
 
 def cache_device(num_bytes, device):
@@ -97,7 +97,8 @@ class NormalisedBatches:
 
 
 def encode_images(encoder, images, device, batch_size, workers):
-    """Yield (first image index, features (batch, num_pixels, encoder_dim) as stored) over `images` in order."""
+    """Yield (first image index, stored features) over `images` in order: (batch, num_pixels, encoder_dim),
+    or the bottom's maps (batch, channels, h, w) when the encoder's top is fine-tuned (--fine-tune-top)."""
     in_workers = workers > 0 and device.type == "cpu"  # to a GPU, uint8 crosses the bus: 4x fewer bytes
     collate = NormalisedBatches(encoder.mean, encoder.std) if in_workers else None
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=collate,
@@ -105,7 +106,10 @@ def encode_images(encoder, images, device, batch_size, workers):
     with torch.no_grad():
         for batch, indices in progress(loader, desc=f"caching {images.split} features", unit="batch"):
             batch = to_device(batch, device)  # (batch, 3, S, S): normalised float32, or uint8
-            feats = encoder.encode(batch) if in_workers else encoder(batch)  # (batch, num_pixels, encoder_dim)
+            if not in_workers:
+                batch = normalise_images(batch, encoder.mean, encoder.std)  # (batch, 3, S, S) float32
+            # (batch, num_pixels, encoder_dim) features, or (batch, channels, h, w) maps below --fine-tune-top
+            feats = encoder.encode_for_cache(batch)
             yield int(indices[0]), checked_for_storage(feats, int(indices[0]))
 
 
@@ -131,6 +135,7 @@ def cache_key(encoder, images, device):
     stat = os.stat(path)
     return {"format": CACHE_FORMAT, "encoder": encoder.name, "weights": encoder.weights_digest(),
             "feature_stride": encoder.feature_stride, "encoded_size": encoder.encoded_image_size,
+            "input_size": encoder.input_size, "top_blocks": encoder.top_blocks,
             "precision": resolve_precision(encoder.precision, device.type, encoder.name),
             "image_size": images.h5.image_size,
             "prepared": [os.path.abspath(path), stat.st_size, stat.st_mtime_ns], "split": images.split}
@@ -240,6 +245,23 @@ class FeatureCache:
         for first in range(0, len(self), batch_size):
             index = torch.arange(first, min(first + batch_size, len(self)), device="cpu")  # (batch,)
             yield self[index], index
+
+
+class FinishedFeatures(FeatureCache):
+    """A cache of the encoder bottom's maps (--fine-tune-top), read as finished features: each batch goes
+    through the encoder's top as it is now, without gradients. Validation and decoding read this."""
+
+    def __init__(self, maps, encoder):  # no encoding here: `maps` is a FeatureCache filled already
+        self.maps, self.encoder = maps, encoder
+
+    def __len__(self):
+        return len(self.maps)
+
+    @torch.no_grad()
+    def __getitem__(self, image_index):
+        """image_index (batch,) on the CPU -> (batch, num_pixels, encoder_dim) float32 on the encoder's device."""
+        device = self.encoder.mean.device
+        return self.encoder.top(self.maps[image_index].to(device))  # (batch, num_pixels, encoder_dim)
 
 
 def epoch_order(num_items, epoch, seed, rank, world):

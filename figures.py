@@ -30,15 +30,37 @@ def save_figure(fig, path, dpi=100):
 
 
 def smooth_attention(alpha, grid, height, width):
-    """(num_pixels,) attention -> (height, width) map in [0, 1], upsampled smoothly."""
-    a = torch.from_numpy(alpha).view(1, 1, grid, grid)  # (1, 1, grid, grid)
+    """(num_pixels,) attention -> (height, width) map in [0, 1]: upsampled smoothly, then stretched so that
+    this step's least-attended place is 0 and its most-attended place is 1 (each word's map on its own scale:
+    a 7x7 softmax rarely puts more than a few percent on one cell, which on a common scale looks like fog)."""
+    a = torch.from_numpy(alpha).float().view(1, 1, grid, grid)  # (1, 1, grid, grid)
     a = torch.nn.functional.interpolate(a, size=(height, width), mode="bicubic", align_corners=False)[0, 0]  # (H, W)
-    a = a.clamp(min=0)
-    return (a / a.max().clamp(min=1e-12)).numpy()
+    low, high = a.min(), a.max()
+    return ((a - low) / (high - low).clamp(min=1e-12)).clamp(0, 1).numpy()  # (H, W) in [0, 1]
 
 
-def attention_figure(picture, words, alphas, grid, columns=5):
-    """One panel per generated word: the picture, brightest where that word's attention was."""
+def highlight(pic, att):
+    """pic (H, W, 3) in [0, 1], att (H, W) in [0, 1] -> the picture dark where the word did not look and
+    lit, slightly whitened, where it did (the style of the paper's Figure 3)."""
+    weight = att[..., None] ** 2  # (H, W, 1): squared so that only the strongly attended region lights up
+    lit = pic * (0.12 + 0.88 * weight) + 0.3 * weight  # dim everything, then add a white glow on the region
+    return np.clip(lit, 0.0, 1.0)  # (H, W, 3)
+
+
+def hard_attention_cell(pic, cell, grid):
+    """pic (H, W, 3) in [0, 1] -> the picture dimmed except the one grid cell hard attention chose."""
+    h, w = pic.shape[:2]
+    row, col = divmod(int(cell), grid)
+    top, bottom = round(row * h / grid), round((row + 1) * h / grid)
+    left, right = round(col * w / grid), round((col + 1) * w / grid)
+    shown = pic * 0.18  # (H, W, 3)
+    shown[top:bottom, left:right] = np.clip(pic[top:bottom, left:right] * 1.0 + 0.15, 0, 1)
+    return shown, (left, top, right - left, bottom - top)
+
+
+def attention_figure(picture, words, alphas, grid, columns=5, hard=False):
+    """One panel per generated word. Soft attention: the picture lit where that word's attention was.
+    hard=True: the one grid cell the model chose at that step (its most likely location), outlined."""
     plt = pyplot()
     pic = np.asarray(picture, dtype=np.float32) / 255.0  # (H, W, 3)
     h, w = pic.shape[:2]
@@ -50,8 +72,13 @@ def attention_figure(picture, words, alphas, grid, columns=5):
         ax.axis("off")
     for i, word in enumerate(words):
         ax = axes.flat[i]
-        att = smooth_attention(alphas[i], grid, h, w)[..., None]  # (H, W, 1)
-        ax.imshow(pic * (0.2 + 0.8 * att))  # dim the places the model did not look at
+        if hard:
+            shown, (x, y, cw, ch) = hard_attention_cell(pic, int(np.argmax(alphas[i])), grid)
+            ax.imshow(shown)
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), cw, ch, fill=False, edgecolor="#ffd400", linewidth=2))
+        else:
+            att = smooth_attention(alphas[i], grid, h, w)  # (H, W)
+            ax.imshow(highlight(pic, att))
         ax.set_title(word, fontsize=13)
     fig.suptitle(" ".join(words), fontsize=14)
     fig.tight_layout()

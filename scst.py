@@ -159,9 +159,9 @@ def add_scst_options(parser):
 def check_scst_options(args, world):
     if not args.resume:
         raise UserError("--scst continues a cross-entropy model: give it with --resume CHECKPOINT")
-    if args.fine_tune_encoder or args.cache == "off" or world > 1:
+    if args.fine_tune_encoder or args.fine_tune_top or args.cache == "off" or world > 1:
         raise UserError("--scst trains the decoder alone on cached features, in one process "
-                        "(no --fine-tune-encoder, --cache off or torchrun)")
+                        "(no --fine-tune-encoder, --fine-tune-top, --cache off or torchrun)")
     if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
         raise UserError("--scst-samples must be at least 1 (at least 2 with --scst-baseline mean)")
 

@@ -31,17 +31,19 @@ from checkpoints import (MODEL_KEYS, RESUME_KEYS, checkpoint_state, load_checkpo
                          restore_training_state, save_epoch, set_rng_state)
 from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
 from decoding import decode_batches
-from features import (FeatureCache, caption_batches, configure_encoding, default_cache_dir, epoch_order,
+from features import (FeatureCache, FinishedFeatures, caption_batches, configure_encoding, default_cache_dir, epoch_order,
                       loader_options, to_device)
+from hard_attention import (BASELINE_DECAY, ENTROPY_WEIGHT, EXPECTED_CONTEXT_PROB, HARD_INFERENCE,
+                            REINFORCE_WEIGHT, MovingBaseline, hard_attention_loss)
 from metrics import score_captions
-from models import build_decoder, build_encoder, load_weights
+from models import ENCODERS, EncoderTop, build_decoder, build_encoder, load_weights
 from scst import CiderD, add_scst_options, check_scst_options, scst_one_epoch
 from utils import (AverageMeter, TrainingDiverged, UserError, broadcast, decode_tokens, folder_lock, non_negative_float,
                    non_negative_int, peak_rss_mb, positive_float, positive_int, prepared_name, probability, progress,
                    read_json, remove_leftovers, run_cli, setup_distributed, writable_dir)
 
-CONFIG_OPTIONS = ("encoder", "feature_stride", "encoded_size", "pretrained", "encoder_weights", "emb_dim",
-                  "attention_dim", "decoder_dim", "dropout")  # the options that shape the model: kept in its config
+CONFIG_OPTIONS = ("encoder", "feature_stride", "encoded_size", "input_size", "pretrained", "encoder_weights", "emb_dim",
+                  "attention_dim", "decoder_dim", "dropout", "attention", "hard_inference", "hard_expected_prob")  # the options that shape the model: kept in its config
 
 
 # ---------------------------------------------------------------------------
@@ -55,7 +57,10 @@ def build_parser():
     d.add_argument("--data-folder", help="folder written by create_input_files.py (default: the shapes demo)")
     d.add_argument("--data-name", help="base name of the prepared files (default: the folder's only one)")
     m = p.add_argument_group("model")
-    m.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101", "resnet152", "efficientnet_lite0"])
+    m.add_argument("--encoder", default="resnet50", choices=list(ENCODERS))
+    m.add_argument("--input-size", type=non_negative_int, default=0,
+                   help="resize images to this size before the CNN (0: as prepared); e.g. 260 for efficientnet_lite2, "
+                        "its ImageNet resolution")
     m.add_argument("--feature-stride", type=int, default=32, choices=[16, 32],
                    help="take the CNN's features at stride 32 (last block) or 16 (finer grid, less semantic)")
     m.add_argument("--encoded-size", type=non_negative_int, default=14, help="pool features to this grid (0: keep the CNN's own)")
@@ -65,6 +70,18 @@ def build_parser():
     m.add_argument("--attention-dim", type=positive_int, default=512)
     m.add_argument("--decoder-dim", type=positive_int, default=512)
     m.add_argument("--dropout", type=probability, default=0.5)
+    m.add_argument("--attention", default="soft", choices=["soft", "hard"],
+                   help="soft: the expected context (section 4.2); hard: one sampled location per step, trained "
+                        "with REINFORCE (section 4.1, hard_attention.py)")
+    h = p.add_argument_group("hard attention (--attention hard; defaults from the paper, see hard_attention.py)")
+    h.add_argument("--hard-inference", default="expected", choices=list(HARD_INFERENCE),
+                   help="context when decoding: the expected one, or the most likely location's")
+    h.add_argument("--hard-expected-prob", type=probability, default=EXPECTED_CONTEXT_PROB,
+                   help="probability that a training step uses the expected context instead of a sample")
+    h.add_argument("--reinforce-weight", type=non_negative_float, default=REINFORCE_WEIGHT, help="lambda_r of eq. (12)")
+    h.add_argument("--entropy-weight", type=non_negative_float, default=ENTROPY_WEIGHT, help="lambda_e of eq. (12)")
+    h.add_argument("--baseline-decay", type=probability, default=BASELINE_DECAY,
+                   help="decay of the moving-average reward baseline")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=120)
     t.add_argument("--batch-size", type=positive_int, default=32)
@@ -75,7 +92,12 @@ def build_parser():
     t.add_argument("--lr-patience", type=positive_int, default=8, help="decay the LR after this many epochs without improvement")
     t.add_argument("--lr-decay", type=positive_float, default=0.8)
     t.add_argument("--early-stop", type=positive_int, default=20, help="stop after this many epochs without improvement")
+    t.add_argument("--lr-step", type=non_negative_int, default=0,
+                   help="also multiply the learning rates by --lr-decay every this many epochs (0: never)")
     t.add_argument("--fine-tune-encoder", action="store_true", help="also train the encoder's later blocks")
+    t.add_argument("--fine-tune-top", type=non_negative_int, default=0, metavar="N",
+                   help="train the encoder's last N blocks (and its head) on top of cached features of the blocks "
+                        "below: a fraction of the cost of --fine-tune-encoder")
     t.add_argument("--resume", help="checkpoint to continue from")
     t.add_argument("--amp", action="store_true", help="mixed precision: fp16 with a GradScaler on CUDA, bf16 elsewhere")
     t.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
@@ -95,6 +117,8 @@ def build_parser():
                         "no epoch starts that would end past it")
     v = p.add_argument_group("validation")
     v.add_argument("--val-beam-size", type=positive_int, default=1, help="beam size of the VAL BLEU-4 decoding")
+    v.add_argument("--select-on", default="auto", choices=["auto", "Bleu_4", "CIDEr"],
+                   help="the VAL score that picks best.pt (auto: BLEU-4 for cross-entropy, CIDEr for SCST)")
     v.add_argument("--max-decode-len", type=positive_int, default=50)
     v.add_argument("--test-beam-size", type=positive_int, default=3, help="shapes demo: beam size of the final TEST evaluation")
     o = p.add_argument_group("output")
@@ -135,6 +159,7 @@ class RunState:
     word_map: dict  # word -> id
     rev_word_map: dict  # id -> word
     fine_tune: bool  # are the encoder's later blocks trained?
+    top_blocks: int  # --fine-tune-top: the encoder blocks trained on top of the cache (0: none)
     phase: str  # "xe", "xe_fine_tune" or "scst": a new phase starts with fresh optimisers
     select_on: str  # the VAL score that picks best.pt: "Bleu_4" or "CIDEr"
     encoder: torch.nn.Module  # the raw modules: checkpoints, validation and decoding use these
@@ -158,6 +183,7 @@ class RunState:
     best_epoch: int = -1  # the epoch best.pt holds
     epochs_since_improvement: int = 0
     history: list = dataclasses.field(default_factory=list)  # one dict of statistics per epoch
+    hard_baseline: Optional[MovingBaseline] = None  # hard attention's reward baseline b (None for soft)
 
 
 # ---------------------------------------------------------------------------
@@ -201,11 +227,14 @@ def setup_run(args, stack):
         check_scst_options(args, world)
         config["constrained_decoding"] = True  # decode as it was trained
 
-    encoder = build_encoder(config, pretrained=checkpoint is None and config["pretrained"]).to(device)
+    if args.fine_tune_top and args.fine_tune_encoder:
+        raise UserError("--fine-tune-top and --fine-tune-encoder exclude each other: choose one")
+    encoder = build_encoder(config, pretrained=checkpoint is None and config["pretrained"],
+                            top_blocks=args.fine_tune_top).to(device)
     decoder = build_decoder(config, len(word_map)).to(device)
     if checkpoint is not None:
         load_weights(encoder, decoder, checkpoint)
-    fine_tune = args.fine_tune_encoder
+    fine_tune = args.fine_tune_encoder or args.fine_tune_top > 0
     encoder.fine_tune(fine_tune)
     # Under torchrun, training's forward passes go through DDP wrappers, which average the gradients;
     # the raw modules stay for checkpoints and validation, so both look the same with or without torchrun.
@@ -219,13 +248,16 @@ def setup_run(args, stack):
         snapshot=snapshot, data_name=data_name, out_dir=out_dir, config=config,
         word_map=word_map, rev_word_map={v: k for k, v in word_map.items()}, fine_tune=fine_tune,
         phase="scst" if args.scst else ("xe_fine_tune" if fine_tune else "xe"),
-        select_on="CIDEr" if args.scst else "Bleu_4", encoder=encoder, decoder=decoder,
+        select_on=("CIDEr" if args.scst else "Bleu_4") if args.select_on == "auto" else args.select_on,
+        encoder=encoder, decoder=decoder, top_blocks=args.fine_tune_top,
         train_encoder=ddp(encoder) if fine_tune else encoder, train_decoder=ddp(decoder),
         decoder_opt=decoder_opt, encoder_opt=encoder_opt,
         optimizers=[o for o in (decoder_opt, encoder_opt) if o is not None],
         trainable_parameters=[p for p in list(decoder.parameters()) + list(encoder.parameters()) if p.requires_grad],
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext,
         scaler=torch.amp.GradScaler(device.type, enabled=scaled))
+    if config.get("attention") == "hard":
+        run.hard_baseline = MovingBaseline(args.baseline_decay)
     if checkpoint is not None:
         restore_training_state(run, checkpoint)
         if rank == 0:
@@ -243,7 +275,7 @@ def setup_data(run):
     run.val_refs = reference_sentences(run.snapshot, run.data_name, "VAL", len(run.val_set) // run.val_set.cpi)
     run.config.setdefault("image_size", run.train_set.h5.image_size)  # caption.py resizes new images to this
     run.encoder.set_precision(args.encoder_precision)
-    if not run.fine_tune and args.cache != "off":
+    if (not run.fine_tune or run.top_blocks) and args.cache != "off":
         run.encoder.eval()
         workers = configure_encoding(run.device, args.workers, quiet=run.rank != 0)
         # disk: a file per key (encoder, weights, sizes, precision, prepared file), reused by later runs
@@ -254,6 +286,11 @@ def setup_data(run):
             FeatureCache(run.encoder, run.snapshot, run.data_name, split, run.device, 32, workers,
                          cache_dir=cache_dir, in_memory=args.cache == "ram")
             for split in ("TRAIN", "VAL"))
+        if run.top_blocks:  # the caches hold the bottom's maps: training calls the top alone,
+            run.train_encoder = EncoderTop(run.encoder)  # and validation reads finished features
+            run.val_cache = FinishedFeatures(run.val_cache, run.encoder)
+            if run.world > 1:
+                run.train_encoder = DistributedDataParallel(run.train_encoder)
     if args.scst:
         refs = reference_sentences(run.snapshot, run.data_name, "TRAIN", len(run.train_set) // run.train_set.cpi)
         run.cider = CiderD(refs)  # document frequencies from TRAIN references, once
@@ -284,6 +321,19 @@ def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
     return cross_entropy + alpha_c * attention_penalty, scores, targets
     # <<< EXERCISE 5
 
+def hard_options(run):
+    """hard_attention_loss's extra arguments (none for soft attention)."""
+    if run.hard_baseline is None:
+        return {}
+    return {"baseline": run.hard_baseline, "reinforce_weight": run.args.reinforce_weight,
+            "entropy_weight": run.args.entropy_weight}
+
+
+def features_cached(run):
+    """Do the cached batches hold finished features? (With --fine-tune-top they hold the bottom's maps.)"""
+    return run.train_cache is not None and not run.top_blocks
+
+
 def top5_accuracy(scores, targets):
     top5 = scores.topk(5, dim=1).indices  # (n, 5)
     return (top5 == targets.unsqueeze(1)).any(dim=1).float().mean().item() * 100.0
@@ -305,8 +355,10 @@ def train_one_epoch(run, epoch):
         inputs = to_device(inputs, run.device)  # (batch, num_pixels, encoder_dim) features or (batch, 3, S, S) images
         captions, caplens = to_device(captions, run.device), to_device(caplens, run.device)  # (batch, L), (batch,)
         with run.autocast():
-            loss, scores, targets = compute_loss(run.train_encoder, run.train_decoder, inputs, captions, caplens,
-                                                 run.train_cache is not None, run.args.alpha_c)  # (), (n, vocab), (n,)
+            loss_fn = hard_attention_loss if run.hard_baseline is not None else compute_loss
+            loss, scores, targets = loss_fn(run.train_encoder, run.train_decoder, inputs, captions, caplens,
+                                            features_cached(run), run.args.alpha_c,
+                                            **hard_options(run))  # (), (n, vocab), (n,)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at epoch {epoch}, batch {step}: stopped. The last good checkpoint "
@@ -390,6 +442,13 @@ def decode_split(run, encoder, decoder, split):
 # ---------------------------------------------------------------------------
 
 
+def decay_learning_rates(run, why):
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] *= run.args.lr_decay
+    print(f"  {why}: learning rates x{run.args.lr_decay}")
+
+
 def end_of_epoch(run, epoch, stats):
     """Select on VAL `run.select_on`, adjust the LR, save checkpoints and logs. Returns True to stop early."""
     score = stats.get(f"val_{run.select_on}", 0.0)
@@ -399,10 +458,9 @@ def end_of_epoch(run, epoch, stats):
     else:
         run.epochs_since_improvement += 1
         if run.epochs_since_improvement % run.args.lr_patience == 0:
-            for opt in run.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] *= run.args.lr_decay
-            print(f"  no improvement for {run.epochs_since_improvement} epochs: learning rates x{run.args.lr_decay}")
+            decay_learning_rates(run, f"no improvement for {run.epochs_since_improvement} epochs")
+    if run.args.lr_step and (epoch + 1) % run.args.lr_step == 0:
+        decay_learning_rates(run, f"{epoch + 1} epochs done (--lr-step {run.args.lr_step})")
     run.history.append({"epoch": epoch, **stats, "lr": run.decoder_opt.param_groups[0]["lr"]})
     save_epoch(run, checkpoint_state(run, epoch))
     train_part = f"reward {stats['reward']:.3f}" if "reward" in stats else f"top-5 {stats['top5']:.1f}%"

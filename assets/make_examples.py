@@ -1,8 +1,8 @@
-"""Regenerate assets/ex1.jpg and ex2.jpg: real caption.py output on photos that ship with scikit-image.
+"""Regenerate the README's example figures: real caption.py output of the bundled model on assets/examples/.
 
-    pip install scikit-image && python assets/make_examples.py runs/flickr8k/best.pt
+    python assets/make_examples.py [CHECKPOINT]      # default: the bundled model (pretrained/)
 
-ex1: astronaut.png (NASA, Eileen Collins; public domain). ex2: chelsea.png (Stefan van der Walt; CC0).
+ex1-ex5 are astronaut, cat, coffee, rocket and grace_hopper (sources and licences in examples/README.md).
 """
 import os
 import subprocess
@@ -12,22 +12,20 @@ import tempfile
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PHOTOS = {"ex1.jpg": "astronaut.png", "ex2.jpg": "chelsea.png"}
+PHOTOS = {"ex1.jpg": "astronaut.jpg", "ex2.jpg": "cat.jpg", "ex3.jpg": "coffee.jpg", "ex4.jpg": "rocket.jpg",
+          "ex5.jpg": "grace_hopper.jpg"}
 
 
 def main():
-    checkpoint = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "flickr8k", "best.pt")
-    try:
-        import skimage
-    except ImportError:
-        sys.exit("error: this script needs scikit-image for its sample photos: pip install scikit-image")
-    photos = os.path.join(os.path.dirname(skimage.__file__), "data")
+    checkpoint = sys.argv[1:2]
     with tempfile.TemporaryDirectory() as tmp:
         for target, photo in PHOTOS.items():
             figure = os.path.join(tmp, target.replace(".jpg", ".png"))
-            subprocess.run([sys.executable, os.path.join(HERE, "..", "caption.py"), "--checkpoint", checkpoint,
-                            "--img", os.path.join(photos, photo), "--beam-size", "3", "--out", figure], check=True)
-            Image.open(figure).convert("RGB").save(os.path.join(HERE, target), quality=90)
+            extra = ["--checkpoint", checkpoint[0]] if checkpoint else []
+            subprocess.run([sys.executable, os.path.join(HERE, "..", "caption.py"), *extra,
+                            "--img", os.path.join(HERE, "examples", photo), "--beam-size", "3", "--out", figure],
+                           check=True)
+            Image.open(figure).convert("RGB").save(os.path.join(HERE, target), quality=88)
             print(f"wrote {os.path.join(HERE, target)}")
 
 

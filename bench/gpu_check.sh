@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh --dry-run   # every step for one batch on the CPU: proves the steps parse and start
 # Steps: the shapes main job with --amp (wall time, TEST BLEU-4); training images/s for Lite0 with cached
 # features, ResNet-50 frozen and ResNet-50 fine-tuned, fp32 and AMP; beam-5 decoding, batched against one
-# image at a time; a one-process torchrun run (NCCL on a GPU); peak GPU memory of each step.
+# image at a time; hard attention and --fine-tune-top for 20 steps each; a one-process torchrun run (NCCL on
+# a GPU); peak GPU memory of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -49,6 +50,11 @@ for amp in "" "--amp"; do
         $amp "${SPEED[@]}" --json "$WORK/resnet50_$tag.json"
 done
 step decode python bench/decode_speed.py --device $DEVICE --beams 5 "${DECODE[@]}" --json "$WORK/decode.json"
+for extra in "--attention hard" "--fine-tune-top 2"; do  # hard attention's sampling; the cached-bottom top
+    name=$(echo "$extra" | tr -d '-' | tr ' ' '_')
+    step "$name" python train.py --data-folder "$WORK/data/shapes" --encoder efficientnet_lite0 --encoded-size 0 \
+        --feature-stride 16 --epochs 1 --max-steps 20 --device $DEVICE --out-dir "$WORK/$name" --workers 0 $extra
+done
 step torchrun python -m torch.distributed.run --nproc_per_node=1 --master_addr=127.0.0.1 --master_port=29517 \
     train.py --data-folder "$WORK/data/shapes" --encoder efficientnet_lite0 --encoded-size 0 --epochs 1 \
     --max-steps 20 --device $DEVICE --out-dir "$WORK/torchrun" --workers 0
@@ -80,6 +86,10 @@ decode = read("decode.json")
 beam5 = decode["rows"][0]
 rows.append(("beam-5 decoding, random 512-d model", f"{beam5['batched']:.1f} img/s batched, "
              f"{beam5['one_by_one']:.1f} one at a time", gpu(decode["peak_gpu_mib"])))
+for name, label in (("attention_hard", "hard attention, 20 steps"), ("finetunetop_2", "--fine-tune-top 2, 20 steps")):
+    log = [json.loads(line) for line in open(os.path.join(work, name, "log.jsonl"))]
+    rows.append((label, f"loss {log[0]['loss']:.3f}, {log[0]['img_per_s']:.0f} img/s, {seconds(name):.0f} s",
+                 gpu(log[0].get("peak_gpu_mb"))))
 ddp_log = [json.loads(line) for line in open(os.path.join(work, "torchrun", "log.jsonl"))]
 rows.append(("torchrun, 1 process (NCCL on CUDA, gloo on CPU)", f"epoch 0 loss {ddp_log[0]['loss']:.3f}, "
              f"{seconds('torchrun'):.0f} s", gpu(ddp_log[0].get("peak_gpu_mb"))))

@@ -2,6 +2,7 @@
 
     python bench/shapes_demo.py                 # runs the demo in a temporary folder (about 5-10 minutes)
     python bench/shapes_demo.py --run-dir DIR   # only measure an existing demo run folder
+    python bench/shapes_demo.py -- --attention hard --hard-inference argmax   # the demo with other train.py options
 
 Prints: wall time of `python train.py`, shapes TEST BLEU-4, and how often the attention's argmax
 falls inside the box of the shape whose noun the decoder just emitted.
@@ -26,9 +27,12 @@ from models import load_model  # noqa: E402
 from shapes import SHAPES, load_boxes  # noqa: E402
 
 
-def attention_hits(checkpoint_path, folder, shapes_json, beam_size):
-    """(hits, nouns): nouns emitted on TEST, and those whose attention argmax lies in that shape's box."""
+def attention_hits(checkpoint_path, folder, shapes_json, beam_size, hard_inference=None):
+    """(hits, nouns): nouns emitted on TEST, and those whose attention argmax lies in that shape's box.
+    For hard attention the argmax is the location it attends when decoding with --hard-inference argmax."""
     checkpoint = load_checkpoint(checkpoint_path)
+    if hard_inference:
+        checkpoint["config"]["hard_inference"] = hard_inference
     encoder, decoder = load_model(checkpoint)
     word_map = checkpoint["word_map"]
     rev = {v: k for k, v in word_map.items()}
@@ -64,12 +68,15 @@ def main():
     p.add_argument("--run-dir", help="a folder where `python train.py` already ran")
     p.add_argument("--checkpoint", help="default: RUN_DIR/runs/shapes/best.pt")
     p.add_argument("--data-folder", help="default: RUN_DIR/data/shapes")
+    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="override a hard-attention checkpoint's")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="train.py options after --")
     args = p.parse_args()
     run_dir, seconds = args.run_dir, None
     if run_dir is None:
         run_dir = tempfile.mkdtemp(prefix="shapes_demo_")
         start = time.time()
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], cwd=run_dir, check=True,
+        extra = [a for a in args.train_args if a != "--"]
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *extra], cwd=run_dir, check=True,
                        stdout=subprocess.DEVNULL)
         seconds = time.time() - start
     checkpoint = args.checkpoint or os.path.join(run_dir, "runs", "shapes", "best.pt")
@@ -77,11 +84,14 @@ def main():
     result = report["results"][0]
     folder = args.data_folder or os.path.join(run_dir, "data", "shapes")
     shapes_json = os.path.join(run_dir, "data", "shapes_raw", "dataset_shapes.json")
-    hits, nouns = attention_hits(checkpoint, folder, shapes_json, result["beam_size"])
+    hits, nouns = attention_hits(checkpoint, folder, shapes_json, result["beam_size"], args.hard_inference)
     if seconds is not None:
         print(f"python train.py wall time: {seconds / 60:.2f} min ({os.cpu_count()} CPUs, {run_dir})")
     print(f"shapes TEST BLEU-4 (beam {result['beam_size']}): {result['scores']['Bleu_4']:.4f}")
-    print(f"attention argmax inside the named shape's box: {hits}/{nouns} = {hits / max(nouns, 1):.1%}")
+    kind = load_checkpoint(checkpoint)["config"].get("attention", "soft") + " attention"
+    if args.hard_inference:
+        kind += f", decoded with --hard-inference {args.hard_inference}"
+    print(f"attention argmax ({kind}) inside the named shape's box: {hits}/{nouns} = {hits / max(nouns, 1):.1%}")
 
 
 if __name__ == "__main__":

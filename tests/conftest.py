@@ -113,6 +113,22 @@ def tiny_base_name():
 
 
 @pytest.fixture(scope="session")
+def eight_captions():
+    """(features (8, 4, 24), captions (8, 9), caplens (8,)): 8 distinct "images" with one caption each, of 2 to 5
+    words among w1..w10 (ids 1..10 of toy_word_map(w1..w10); <start> 12, <end> 13): the overfit tests' task."""
+    import torch
+
+    torch.manual_seed(0)
+    features = torch.randn(8, 4, 24)
+    captions = []
+    for i in range(8):
+        words = [1 + (i + j * 3) % 10 for j in range(2 + i % 4)]
+        captions.append([12, *words, 13] + [0] * (7 - len(words)))
+    captions = torch.tensor(captions)
+    return features, captions, (captions != 0).sum(1)
+
+
+@pytest.fixture(scope="session")
 def toy_word_map():
     """toy_word_map(*words) -> a word map with these words (build_word_map's layout)."""
     return build_toy_word_map

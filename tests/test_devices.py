@@ -109,8 +109,10 @@ def test_teacher_forcing_keeps_to_the_device():
     assert mode.violations == [], mode.violations
 
 
-@pytest.mark.parametrize("extra", [[], ["--cache", "off"], ["--fine-tune-encoder"], ["--amp"]],
-                         ids=["frozen-cached", "frozen-uncached", "fine-tune", "amp"])
+@pytest.mark.parametrize("extra", [[], ["--cache", "off"], ["--fine-tune-encoder"], ["--amp"], ["--fine-tune-top", "2"],
+                                   ["--attention", "hard"], ["--attention", "hard", "--hard-inference", "argmax"]],
+                         ids=["frozen-cached", "frozen-uncached", "fine-tune", "amp", "fine-tune-top", "hard",
+                              "hard-argmax"])
 def test_training_step_and_validation_keep_to_the_device(discipline, prepared, tiny_model_args, tmp_path, extra):
     train.main(["--data-folder", prepared[0], *tiny_model_args, "--epochs", "1", "--max-steps", "1",
                 "--val-beam-size", "3", "--out-dir", str(tmp_path), *extra])

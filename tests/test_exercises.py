@@ -55,7 +55,7 @@ def copy_reference(root, folder):
 
 def region_of(folder, number, word="EXERCISE"):
     """(file name, text, region) of exercise `number` in the copy in `folder` (word="TODO": a student copy)."""
-    for name in ("dataset.py", "models.py", "train.py"):
+    for name in ("dataset.py", "models.py", "train.py", "hard_attention.py"):
         text = read(os.path.join(folder, name))
         for region in exercises.find_regions(name, text, word):
             if region.number == number:
@@ -82,7 +82,7 @@ def paste_wrong_solution(folder, number, old, new):
 def test_every_todo_region_has_a_check(repo_root):
     regions = exercises.all_regions(repo_root, exercises.repository_files(repo_root))
     numbers = sorted(r.number for found in regions.values() for r in found)
-    assert numbers == ALL_TODOS == list(range(1, 8))
+    assert numbers == ALL_TODOS == list(range(1, 10))
     modules = sorted(f"{module}.py" for _, module in exercises.CHECKS.values())
     assert modules == sorted(n for n in os.listdir(os.path.join(repo_root, "exercise_checks")) if n.startswith("ex"))
 
@@ -362,6 +362,9 @@ WRONG_SOLUTIONS = [
     (5, "cross_entropy + alpha_c * attention_penalty", "cross_entropy", "the attention penalty is missing"),
     (6, "run.args.grad_clip)", "1e9)", "the update used unclipped gradients"),
     (7, "losses.update(loss.item(), len(targets))", "losses.update(loss.item())", "plain mean over batches"),
+    (8, "torch.rand(rows, device=alpha.device) < expected_prob", "torch.rand(rows, device=alpha.device) < 0.5",
+     "with expected_prob 0 every row must sample"),
+    (9, "reward = log_p_y.detach() - baseline", "reward = log_p_y.detach()", "the baseline is missing"),
 ]
 
 

@@ -15,7 +15,8 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_table(repo_root):
                      "training, Lite0 224 px, cached features, fp32", "training, Lite0 224 px, cached features, amp",
                      "training, ResNet-50 256 px, frozen, fp32", "training, ResNet-50 256 px, frozen, amp",
                      "training, ResNet-50 256 px, fine-tuned, fp32", "training, ResNet-50 256 px, fine-tuned, amp",
-                     "beam-5 decoding, random 512-d model", "torchrun, 1 process (NCCL on CUDA, gloo on CPU)"]
+                     "beam-5 decoding, random 512-d model", "hard attention, 20 steps", "--fine-tune-top 2, 20 steps",
+                     "torchrun, 1 process (NCCL on CUDA, gloo on CPU)"]
     assert "TEST BLEU-4 (beam 3)" in table[0] and "img/s" in table[1]
 
 

@@ -15,20 +15,14 @@ from models import DecoderWithAttention
 from utils import UserError
 
 
-def test_tiny_overfit_learns_eight_captions(toy_word_map):
+def test_tiny_overfit_learns_eight_captions(toy_word_map, eight_captions):
     """8 images, one caption each: the model must memorise them.
 
     Bound: mean cross-entropy < 0.05 nats per word means the right word gets probability
     about 0.95 on average, far above anything else, so greedy decoding must reproduce every caption."""
     word_map = toy_word_map(*[f"w{i}" for i in range(1, 11)])  # w1..w10 are ids 1..10; <start> 12, <end> 13
+    features, captions, caplens = eight_captions
     torch.manual_seed(0)
-    features = torch.randn(8, 4, 24)  # 8 distinct "images"
-    captions = []
-    for i in range(8):
-        words = [1 + (i + j * 3) % 10 for j in range(2 + i % 4)]
-        captions.append([12, *words, 13] + [0] * (7 - len(words)))
-    captions = torch.tensor(captions)
-    caplens = (captions != 0).sum(1)
     decoder = DecoderWithAttention(attention_dim=16, embed_dim=12, decoder_dim=20, vocab_size=len(word_map),
                                    encoder_dim=24, dropout=0.0)
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)

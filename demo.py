@@ -28,7 +28,8 @@ import torch
 from caption import caption_image
 from checkpoints import DEFAULT_MODEL, load_checkpoint
 from models import load_model
-from utils import ImageLoadError, UserError, load_image, open_rgb, pick_device, positive_int, run_cli
+from utils import (ImageLoadError, UserError, load_image, open_rgb, pick_device, port_number, positive_int,
+                   run_cli)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
@@ -38,7 +39,7 @@ MAX_BEAM = 10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--port", type=port_number, default=8000, help="port on 127.0.0.1 (0: any free port)")
     p.add_argument("--checkpoint", default=DEFAULT_MODEL, help="model file (default: the bundled model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-upload-mb", type=positive_int, default=20, help="larger requests are refused (413)")

@@ -216,6 +216,10 @@ def non_negative_int(text):
     return _checked_number(int, text, lambda v: v >= 0, "a whole number of at least 0")
 
 
+def port_number(text):
+    return _checked_number(int, text, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
+
+
 def positive_float(text):
     return _checked_number(float, text, lambda v: v > 0, "a number above 0")
 

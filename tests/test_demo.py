@@ -176,3 +176,9 @@ def screenshot_page(webdriver, By, WebDriverWait, browser, driver_path, base, ph
         return path
     finally:
         driver.quit()
+
+
+def test_a_port_out_of_range_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--port", "99999"])
+    assert "expected a port number from 0 to 65535" in capsys.readouterr().err

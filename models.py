@@ -35,12 +35,18 @@ LITE_VARIANTS = {"efficientnet_lite0": (11, 224, 75.1), "efficientnet_lite1": (1
 ENCODER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What "auto" means, per device and encoder family. Reduced precision is the default only where it is faster
-# and VAL BLEU-4 stays within 0.2 points of fp32's. Measured on a 2-core AVX-512-bf16 CPU (README, Results):
-# the Lite0 CNN 1.5-2.05x faster in bf16 (1.44x end to end in eval.py), VAL BLEU-4 at beam 3 20.34 against
-# 20.31; the ResNet-101 CNN 0.74x (slower) in bf16.
-# On an H200 (bench/encode_speed.py, batch 64) reduced precision did not pay for Lite0 (fp32 11,855 img/s, bf16
-# 11,325, fp16 10,455), and fp16 overflowed an untrained ResNet-101; bf16 ran ResNet-101 1.18x faster than fp32,
-# but its quality could not be measured without ImageNet ResNet weights, so CUDA stays fp32 (TF32 where enabled).
+# and VAL BLEU-4 stays within 0.2 points of fp32's (README, Results: "Encoding: precision and speed"):
+# - CPUs with bf16 instructions (AVX-512 BF16, AMX): the Lite encoders run in bf16. Lite0's CNN ran 2.05x faster
+#   in bf16 on a 2-core AMD EPYC whose AVX-512 units are 256 bits wide (Zen 4, by its speeds), 2.3x on a 2-core
+#   Zen 5 (4.4x before frozen_cnn.py's rewrite); VAL BLEU-4 at beam 3 moved by at most 0.13 (Lite0 and the
+#   bundled Lite2 model, their ImageNet weights).
+# - ResNets stay fp32 on the CPU: with no ImageNet ResNet weights offline their quality in bf16 could not be
+#   measured. bf16 ran ResNet-101 0.74x as fast on the Zen 4 and 2.2x as fast on the Zen 5: there
+#   --encoder-precision bf16 is worth trying.
+# - CPUs without bf16 instructions emulate it, slower than fp32: fp32.
+# - CUDA: on an H200 (bench/encode_speed.py, batch 64) reduced precision did not pay for Lite0 (fp32 11,855 img/s,
+#   bf16 11,325, fp16 10,455), and fp16 overflowed an untrained ResNet-101; bf16 ran ResNet-101 1.18x faster than
+#   fp32, but its quality could not be measured either, so CUDA stays fp32 (TF32 where enabled).
 AUTO_PRECISION = {("cpu", "efficientnet"): "bf16", ("cpu", "resnet"): "fp32",
                   ("cuda", "efficientnet"): "fp32", ("cuda", "resnet"): "fp32"}
 
@@ -59,8 +65,8 @@ class WeightsUnavailable(UserError):
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16():
-    """True where the CPU has bf16 instructions (AVX-512 BF16 or AMX): there oneDNN runs bf16 convolutions faster
-    than fp32; elsewhere bf16 is emulated, and slower."""
+    """True where the CPU has bf16 instructions (AVX-512 BF16 or AMX): there oneDNN runs bf16 convolutions
+    natively; elsewhere bf16 is emulated, and slower than fp32."""
     try:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):  # older torch: ask the kernel
@@ -203,6 +209,10 @@ class Encoder(nn.Module):
     whole CNN and the top only converts the cached features to float32.
     """
 
+    # False runs the backbone exactly as trained even when frozen: slower, and a different rounding in bf16
+    # (the bundled model's reference captions were written that way, see tests/test_pretrained.py)
+    use_inference_copy = True
+
     def __init__(self, name="resnet50", encoded_image_size=14, pretrained=True, weights_path=None, feature_stride=32,
                  precision="auto", input_size=0, top_blocks=0):
         super().__init__()
@@ -237,17 +247,20 @@ class Encoder(nn.Module):
             if self.top_blocks:  # only the top trains: the bottom may still run in reduced precision
                 return self.top(self._frozen(self.bottom, x))
             return self.bottom(x)
-        return self._frozen(lambda images: self.top(self.bottom(images)), x)
+        return self._frozen(lambda images, net: self.top(self.bottom(images, net), net), x)
 
     def encode_for_cache(self, x):
         """Normalised images (batch, 3, H, W) -> what a feature cache stores: the bottom's output."""
         return self._frozen(self.bottom, x)
 
     def _frozen(self, part, x):
-        """Run a frozen part of the CNN in the chosen precision, without gradients while it is frozen."""
+        """Run a frozen part of the CNN in the chosen precision, without gradients while it is frozen, on the
+        backbone rewritten for inference (frozen_cnn.py) while the encoder is in eval mode."""
         name = resolve_precision(self.precision, x.device.type, self.name)
+        fast = self.use_inference_copy and not self.training
+        net = self.inference_backbone() if fast else self.backbone
         with torch.autocast(x.device.type, dtype=PRECISION_DTYPES[name], enabled=name != "fp32"):
-            out = part(x)
+            out = part(x, net)
         if name == "fp16" and not torch.isfinite(out).all():
             # untrained CNNs reach 1e5, past fp16's 65504; bf16 and fp32 share float32's range
             print(f"note: {self.name} overflowed float16 (inf/NaN features): encoding in fp32 from now on",
@@ -256,30 +269,45 @@ class Encoder(nn.Module):
             return self._frozen(part, x)
         return out.float()
 
-    def bottom(self, x):
+    def inference_backbone(self):
+        """The backbone with BatchNorm folded and activations fused (frozen_cnn.inference_copy), made on first
+        use and made again whenever a weight changed since (an optimiser step, load_state_dict, a move), or a
+        hook was added to or removed from the backbone (the copy carries the backbone's own hooks)."""
+        tensors = list(self.backbone.parameters()) + list(self.backbone.buffers())
+        version = (tuple((t.data_ptr(), t._version) for t in tensors), tuple(self.backbone._forward_hooks),
+                   tuple(self.backbone._forward_pre_hooks))
+        cached = self.__dict__.get("_inference")  # kept outside the module tree: no state_dict entry, no DDP sync
+        if cached is None or cached[0] != version:
+            from frozen_cnn import inference_copy
+
+            cached = self.__dict__["_inference"] = (version, inference_copy(self.backbone))
+        return cached[1]
+
+    def bottom(self, x, net=None):
         """Normalised images (batch, 3, H, W) -> the frozen part's output: (batch, channels, h, w) feature
-        maps before the top blocks, or with top_blocks = 0 the features (batch, num_pixels, encoder_dim)."""
+        maps before the top blocks, or with top_blocks = 0 the features (batch, num_pixels, encoder_dim).
+        net: the backbone to run (default: self.backbone; _frozen passes its inference copy)."""
+        net = self.backbone if net is None else net
         if self.input_size and x.shape[-1] != self.input_size:
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           align_corners=False)  # (batch, 3, input_size, input_size)
         x = x.contiguous(memory_format=torch.channels_last)
         if self.top_blocks == 0:
-            return self._pooled(self.backbone(x))  # (batch, num_pixels, encoder_dim)
-        if isinstance(self.backbone, _LiteFeatures):
-            net = self.backbone
+            return self._pooled(net(x))  # (batch, num_pixels, encoder_dim)
+        if isinstance(net, _LiteFeatures):
             return net.blocks(net.stem(x), 0, net.num_blocks - self.top_blocks)  # (batch, channels, h, w)
-        return self.backbone[: len(self.backbone) - self.top_blocks](x)  # (batch, channels, h, w)
+        return net[: len(net) - self.top_blocks](x)  # (batch, channels, h, w)
 
-    def top(self, maps):
+    def top(self, maps, net=None):
         """The bottom's output (as cached: any float dtype) -> float32 features (batch, num_pixels, encoder_dim)."""
+        net = self.backbone if net is None else net
         if self.top_blocks == 0:
             return maps.float()  # (batch, num_pixels, encoder_dim)
         maps = maps.float().contiguous(memory_format=torch.channels_last)  # (batch, channels, h, w)
-        if isinstance(self.backbone, _LiteFeatures):
-            net = self.backbone
+        if isinstance(net, _LiteFeatures):
             out = net.head(net.blocks(maps, net.num_blocks - self.top_blocks, net.num_blocks))
         else:
-            out = self.backbone[len(self.backbone) - self.top_blocks :](maps)
+            out = net[len(net) - self.top_blocks :](maps)
         return self._pooled(out)  # (batch, num_pixels, encoder_dim)
 
     def _pooled(self, maps):

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from features import FeatureCache, available_cores, configure_encoding  # noqa: E402
 from models import Encoder, cpu_has_native_bf16, resolve_precision  # noqa: E402
+from utils import reuse_freed_memory  # noqa: E402
 
 IMAGE_SIZES = {"efficientnet_lite0": 224, "resnet101": 256, "resnet50": 256}  # each at its usual input size
 REDUCED = {"cpu": ["bf16"], "cuda": ["fp16", "bf16"]}
@@ -188,6 +189,8 @@ def bench_device(device, args, rows, folder):
 
 def main():
     args = parse_args()
+    reused = reuse_freed_memory()  # as every command of the project does first
+    print(f"freed memory kept for reuse (utils.reuse_freed_memory): {'yes' if reused else 'no'}")
     devices = [torch.device(d) for d in args.devices]
     describe_machine(devices)
     rows = []

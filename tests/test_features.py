@@ -90,7 +90,7 @@ def test_fp32_is_forced_even_inside_an_autocast_region(lite0):
 def test_auto_precision_follows_the_hardware_and_the_measurements(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", "cpu", "efficientnet_lite0") == "bf16"  # measured faster, same BLEU-4
-    assert resolve_precision("auto", "cpu", "resnet101") == "fp32"  # bf16 measured slower for ResNets here
+    assert resolve_precision("auto", "cpu", "resnet101") == "fp32"  # quality in bf16 unmeasurable offline
     assert resolve_precision("auto", "cuda", "resnet50") == "fp32"  # on an H200, fp16/bf16 gave no safe gain
     assert resolve_precision("auto", "cuda", "efficientnet_lite2") == "fp32"
     assert resolve_precision("fp16", "cuda", "resnet50") == "fp16"

@@ -22,7 +22,7 @@ import platform
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 # oneDNN's convolution with a fused elementwise epilogue: what torch.compile itself emits on x86 CPUs
 _FUSED_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -82,11 +82,10 @@ def merge_padding(conv):
 
 
 def folded(conv, bn):
-    """conv then eval-mode bn -> one convolution of the same class computing both (conv itself unchanged)."""
-    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-    for p in fused.parameters():
-        p.requires_grad_(False)
-    return merge_padding(fused)
+    """conv then eval-mode bn -> conv computing both. conv belongs to the copy: its weights are replaced here."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias)
+    return merge_padding(conv)
 
 
 def _lite_inference(net):

@@ -34,7 +34,8 @@ class TrainingDiverged(UserError):
 
 # glibc hands every block over 32 MB straight back to the OS when it is freed, so the next one of that size
 # starts on fresh pages the kernel must fault in and zero: at batch 32 a step's attention tensor took 22 ms to
-# fill instead of 5. Kept in the heap, freed blocks are reused (eval.py: 1.3x faster end to end, peak RSS +20 %).
+# fill instead of 5. Kept in the heap, freed blocks are reused (eval.py 1.2-1.3x faster end to end, peak RSS
+# up to +22 %).
 MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 1 << 30, (1 << 31) - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 

@@ -55,10 +55,10 @@ except ImportError:                                              # the earlier l
     from train import FeatureCache
     encoder, _ = load_model(load_checkpoint(sys.argv[1]), "cpu")
     workers = 2                                                  # train.py's --workers default then
-start = time.perf_counter()
+start, images = time.perf_counter(), 0
 for split in ("TRAIN", "VAL"):
-    FeatureCache(encoder, sys.argv[2], sys.argv[3], split, torch.device("cpu"), 32, workers)
-print("SECONDS", time.perf_counter() - start)
+    images += len(FeatureCache(encoder, sys.argv[2], sys.argv[3], split, torch.device("cpu"), 32, workers))
+print("SECONDS", time.perf_counter() - start, "IMAGES", images)
 """
 
 
@@ -123,13 +123,15 @@ def resnet101_checkpoint(word_map_path, out):
 
 
 def run_job(tree, job, checkpoints, args, scratch):
-    """Seconds the job took in `tree` (eval.py's own decode_seconds: encoding and decoding, no start-up)."""
+    """(seconds, images, VAL BLEU-4 or None) of the job in `tree`; for eval.py its own decode_seconds
+    (encoding and decoding, no start-up)."""
     if job == "cache_lite0":
         cmd = [sys.executable, "-c", CACHE_SNIPPET, checkpoints["lite0"], args.data_folder, DATA_NAME]
         out = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{job} failed in {tree}:\n{out.stderr[-2000:]}")
-        return float(out.stdout.split("SECONDS")[-1])
+        seconds, images = out.stdout.split("SECONDS")[-1].split("IMAGES")
+        return float(seconds), int(images), None
     report = os.path.join(scratch, "eval.json")
     model, folder = ("lite0", args.data_folder) if job == "eval_lite0" else ("r101", args.data_folder_256)
     cmd = [sys.executable, "eval.py", "--checkpoint", checkpoints[model], "--split", "VAL", "--data-folder",
@@ -146,6 +148,8 @@ def run_job(tree, job, checkpoints, args, scratch):
 
 def main():
     args = parse_args()
+    # each job runs inside its tree: paths given relative to here must not be read relative to there
+    args.data_folder, args.data_folder_256 = os.path.abspath(args.data_folder), os.path.abspath(args.data_folder_256)
     print(f"this tree: {ROOT} ({git_head()}); earlier: {args.revision}; torch {torch.__version__}; "
           f"{cpu_model()}; load {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
@@ -159,14 +163,11 @@ def main():
             for repeat in range(args.repeats if job != "cache_lite0" else 1):
                 for name, tree in trees.items():  # alternate, so a slow spell of the machine hits both
                     load = os.getloadavg()[0]
-                    result = run_job(tree, job, checkpoints, args, scratch)
-                    seconds = result[0] if isinstance(result, tuple) else result
+                    seconds, images, bleu4 = run_job(tree, job, checkpoints, args, scratch)
                     print(f"  {job:14s} {name:6s} run {repeat}: {seconds:7.1f} s (load before {load:.2f})",
                           flush=True)
                     if name not in best or seconds < best[name]["seconds"]:
-                        images = result[1] if isinstance(result, tuple) else 7000
-                        best[name] = {"seconds": seconds, "images": images, "load": load,
-                                      "bleu4": result[2] if isinstance(result, tuple) else None}
+                        best[name] = {"seconds": seconds, "images": images, "load": load, "bleu4": bleu4}
             ratio = best["before"]["seconds"] / best["now"]["seconds"]
             rows.append({"job": job, "before": best["before"], "now": best["now"], "speedup": ratio})
     print(f"\n{'job':14s} {'before s':>9s} {'img/s':>7s} {'now s':>7s} {'img/s':>7s} {'speed-up':>8s}  BLEU-4 before/now")

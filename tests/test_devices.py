@@ -48,6 +48,8 @@ class DeviceDiscipline(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.__deepcopy__:  # copies onto the tensor's own device; its memo argument holds
+            return func(*args, **kwargs)        # everything copied so far, too slow to flatten at every tensor
         if func in FACTORIES and "device" not in kwargs:
             where = self.project_caller()
             if where:

@@ -67,6 +67,7 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     rev_word_map = {v: k for k, v in word_map.items()}
     snapshot = snapshot_folder(data_folder, data_name)  # every file from one whole prepared set
     images = ImageDataset(snapshot, data_name, split)
+    warn_if_other_resolution(checkpoint["config"].get("image_size"), images.h5.image_size, data_folder)
     refs = reference_sentences(snapshot, data_name, split, len(images))
     info = load_image_info(snapshot, data_name, split, len(images))
 
@@ -88,6 +89,15 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     save_report(report, out)
     print(f"wrote {out}")
     return report
+
+
+def warn_if_other_resolution(trained_size, prepared_size, data_folder):
+    """Scores drop quietly when a model is evaluated on pictures prepared at another size than it was trained
+    on (the bundled model: VAL BLEU-4 20.7 on 256-px data against 21.6 on its own 224): say so, once."""
+    if trained_size and trained_size != prepared_size:
+        print(f"warning: the model was trained on pictures prepared at {trained_size} px, but {data_folder} holds "
+              f"{prepared_size} px ones; scores will be lower than on a folder prepared with "
+              f"create_input_files.py --image-size {trained_size}")
 
 
 def save_report(report, out):

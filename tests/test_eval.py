@@ -35,3 +35,23 @@ def test_eval_cli_bad_checkpoint(tmp_path, repo_root):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not a checkpoint of this project" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_warns_when_the_folder_was_prepared_at_another_size(prepared, tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    import eval as evaluation
+
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    prepared_size = checkpoint["config"]["image_size"]
+    evaluation.evaluate(tiny_checkpoint, prepared[0], None, "TEST", [1], batch_size=2,
+                        out=str(tmp_path / "same.json"), workers=0)
+    assert "warning: the model was trained" not in capsys.readouterr().out
+    checkpoint["config"]["image_size"] = prepared_size + 32
+    other = str(tmp_path / "other_size.pt")
+    torch.save(checkpoint, other)
+    evaluation.evaluate(other, prepared[0], None, "TEST", [1], batch_size=2, out=str(tmp_path / "other.json"),
+                        workers=0)
+    printed = capsys.readouterr().out
+    assert f"trained on pictures prepared at {prepared_size + 32} px" in printed
+    assert f"holds {prepared_size} px ones" in printed and f"--image-size {prepared_size + 32}" in printed

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from checkpoints import DEFAULT_MODEL, load_checkpoint
-from decoding import beam_search
+from decoding import beam_search, model_decoding
 from figures import attention_figure, save_figure
 from models import load_model
 from utils import (DISK_ERRORS, ImageLoadError, UserError, load_image, non_negative_float, open_rgb,
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=DEFAULT_MODEL,
                    help="a model file (default: the bundled Flickr8k model, %(default)s)")
     p.add_argument("--beam-size", type=positive_int, default=5)
-    p.add_argument("--length-penalty", type=non_negative_float, default=0.0)
+    p.add_argument("--length-penalty", type=non_negative_float,
+                   help="divide log-probabilities by length**this (default: the model's own, else 0)")
     p.add_argument("--max-len", type=positive_int, default=50)
     p.add_argument("--out", help="figure path (.png) for one image, or a folder for several "
                                  "(default: IMAGE_attention.png in the current folder)")
@@ -78,13 +79,12 @@ def figure_paths(out, image_paths):
 
 
 @torch.no_grad()
-def caption_image(encoder, decoder, word_map, image, beam_size=5, length_penalty=0.0, max_len=50, constrained=False,
-                  with_beams=False):
-    """image: (3, S, S) uint8 array. Returns (words, alphas (len(words), num_pixels), grid size), and with
+def caption_image(encoder, decoder, word_map, image, beam_size=5, max_len=50, with_beams=False, **rules):
+    """image: (3, S, S) uint8 array; rules: beam_search's decoding rules (model_decoding). Returns (words, alphas (len(words), num_pixels), grid size), and with
     with_beams=True also the finished beams ({tokens, score, log_prob}, best first)."""
     device = next(decoder.parameters()).device
     features = encoder(torch.from_numpy(image).unsqueeze(0).to(device))  # (1, num_pixels, encoder_dim)
-    hyp = beam_search(decoder, features, word_map, beam_size, max_len, length_penalty, constrained=constrained)[0]
+    hyp = beam_search(decoder, features, word_map, beam_size, max_len, **rules)[0]
     rev = {v: k for k, v in word_map.items()}
     words = [rev[i] for i in hyp["tokens"]]
     grid = int(round(features.shape[1] ** 0.5))
@@ -122,8 +122,8 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             failures += 1
             continue
-        words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size, args.length_penalty,
-                                            args.max_len, checkpoint["config"].get("constrained_decoding", False))
+        words, alphas, grid = caption_image(encoder, decoder, word_map, image, args.beam_size, args.max_len,
+                                            **model_decoding(checkpoint["config"], args.length_penalty))
         print(f"{path}: {' '.join(words)}")
         if plot:
             picture.thumbnail((400, 400))

@@ -4,9 +4,19 @@ import torch
 from utils import END, START, UNK, progress
 
 
+def model_decoding(config, length_penalty=None):
+    """A model's own decoding rules, from its config, as keyword arguments of beam_search and decode_batches:
+    constrained (self-critical training's rules, set by train.py --scst), and the length penalty and trigram
+    blocking that export.py recorded (tuned on VAL). A length_penalty given here wins over the recorded one."""
+    if length_penalty is None:
+        length_penalty = config.get("length_penalty", 0.0)
+    return {"length_penalty": float(length_penalty), "constrained": bool(config.get("constrained_decoding", False)),
+            "block_trigrams": bool(config.get("block_trigrams", False))}
+
+
 @torch.no_grad()
 def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_penalty=0.0, suppress_unk=False,
-                constrained=False):
+                constrained=False, block_trigrams=False):
     """Decode a batch of encoded images at once.
 
     features: (batch, num_pixels, encoder_dim) from the Encoder.
@@ -16,6 +26,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     An image is finished once beam_size hypotheses have emitted <end>, or (without a length
     penalty) once no live beam can beat its best finished one. If none emits <end> within
     max_len words, the best unfinished hypothesis is returned instead of failing.
+    constrained applies self-critical training's rules (scst.constrain); block_trigrams forbids any word
+    that would repeat a trigram of its own hypothesis.
 
     Returns one dict per image: tokens (word ids, no <start>/<end>), score, log_prob,
     finished (bool), alphas (len(tokens), num_pixels) with each word's attention, and beams: every
@@ -53,6 +65,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
             log_probs[:, unk] = float("-inf")
         if constrained:
             log_probs = constrain(log_probs, words, word_map, bad_ids)
+        if block_trigrams:
+            log_probs = ban_repeated_trigrams(log_probs, seqs)
         candidates = (scores.view(-1, 1) + log_probs).view(live, beams * vocab)  # (live, beams * vocab)
         scores, flat = candidates.topk(k, dim=1)  # (live, k), (live, k)
         beam, word = flat // vocab, flat % vocab  # (live, k) each: source beam, new word
@@ -80,6 +94,17 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
         summary = {key: hyp[key] for key in ("tokens", "score", "log_prob")}
         hyp["beams"] = sorted(beams, key=lambda b: b["score"], reverse=True) if beams else [summary]
     return best
+
+
+def ban_repeated_trigrams(log_probs, seqs):
+    """Forbid each row's next word where it would repeat a trigram that row already has
+    ("a man in a red shirt and a red shirt"). log_probs (rows, vocab), seqs (rows, t) the words so far."""
+    if seqs.shape[1] < 3:
+        return log_probs
+    # bigram i is (seqs[:, i], seqs[:, i + 1]), for i up to t - 3; the word that followed it is seqs[:, i + 2]
+    same_bigram = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])  # (rows, t - 2)
+    banned = torch.zeros_like(log_probs).scatter_add_(1, seqs[:, 2:], same_bigram.float())  # (rows, vocab)
+    return log_probs.masked_fill(banned > 0, float("-inf"))
 
 
 def _collect_finished(ended, scores, seqs, alpha_seqs, images, best, n_finished, length_penalty, k, found):
@@ -125,7 +150,8 @@ def _still_searching(scores, images, best, n_finished, k, length_penalty):
 
 @torch.no_grad()
 def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, length_penalty=0.0,
-                   suppress_unk=False, device="cpu", desc="decoding", features_given=False, constrained=False):
+                   suppress_unk=False, device="cpu", desc="decoding", features_given=False, constrained=False,
+                   block_trigrams=False):
     """Beam-search every image yielded by `batches` ((images or features, indices) pairs).
 
     beam_size: one size, which returns {index: hypothesis dict}; or a list of sizes, which returns
@@ -138,6 +164,7 @@ def decode_batches(encoder, decoder, batches, word_map, beam_size, max_len=50, l
         inputs = inputs.to(device)
         features = inputs.float() if features_given else encoder(inputs)  # (batch, num_pixels, encoder_dim)
         for k in sizes:
-            hyps = beam_search(decoder, features, word_map, k, max_len, length_penalty, suppress_unk, constrained)
+            hyps = beam_search(decoder, features, word_map, k, max_len, length_penalty, suppress_unk, constrained,
+                               block_trigrams)
             results[k].update(zip(indices.tolist(), hyps))
     return results[beam_size] if isinstance(beam_size, int) else results

@@ -27,6 +27,7 @@ import torch
 
 from caption import caption_image
 from checkpoints import DEFAULT_MODEL, load_checkpoint
+from decoding import model_decoding
 from models import load_model
 from utils import (ImageLoadError, UserError, load_image, open_rgb, pick_device, port_number, positive_int,
                    run_cli)
@@ -65,8 +66,8 @@ class Captioner:
         picture.thumbnail((640, 640))
         with self.lock:
             words, alphas, grid, beams = caption_image(
-                self.encoder, self.decoder, self.word_map, image, beam_size,
-                constrained=self.config.get("constrained_decoding", False), with_beams=True)
+                self.encoder, self.decoder, self.word_map, image, beam_size, with_beams=True,
+                **model_decoding(self.config))
         rev = {v: k for k, v in self.word_map.items()}
         return {
             "caption": " ".join(words), "words": words, "grid": grid,

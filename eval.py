@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from checkpoints import load_checkpoint
 from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences, snapshot_folder
-from decoding import decode_batches
+from decoding import decode_batches, model_decoding
 from features import configure_encoding, loader_options
 from metrics import SCORE_NAMES, score_captions
 from models import load_model
@@ -31,9 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--data-name", help="base name of the prepared files (default: the folder's only one)")
     p.add_argument("--beam-size", type=positive_int, nargs="+", default=[3])
     p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together")
-    p.add_argument("--length-penalty", type=non_negative_float, default=0.0,
-                   help="divide log-probabilities by length**this")
+    p.add_argument("--length-penalty", type=non_negative_float,
+                   help="divide log-probabilities by length**this (default: the model's own, else 0)")
     p.add_argument("--max-len", type=positive_int, default=50, help="longest caption in words")
+    p.add_argument("--block-trigrams", action="store_true",
+                   help="never repeat a trigram within a caption (default: as the model records)")
     p.add_argument("--suppress-unk", action="store_true", help="never emit <unk>")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=non_negative_int, default=2)
@@ -47,8 +49,8 @@ def parse_args(argv=None):
 
 
 def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", beam_sizes=(3,), batch_size=32,
-             device="cpu", out=None, length_penalty=0.0, max_len=50, suppress_unk=False, workers=2,
-             encoder_precision="auto", hard_inference=None):
+             device="cpu", out=None, length_penalty=None, max_len=50, suppress_unk=False, workers=2,
+             encoder_precision="auto", hard_inference=None, block_trigrams=False):
     """Decode and score; print a table; write the JSON report. Returns the report dict."""
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device(device)
@@ -64,6 +66,8 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
         checkpoint["config"]["hard_inference"] = hard_inference
     encoder, decoder = load_model(checkpoint, device, encoder_precision=encoder_precision)
     word_map = checkpoint["word_map"]  # decode with the checkpoint's own vocabulary
+    rules = model_decoding(checkpoint["config"], length_penalty)  # the model's own, but a given length penalty wins
+    rules["block_trigrams"] |= block_trigrams
     rev_word_map = {v: k for k, v in word_map.items()}
     snapshot = snapshot_folder(data_folder, data_name)  # every file from one whole prepared set
     images = ImageDataset(snapshot, data_name, split)
@@ -74,11 +78,11 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     workers = configure_encoding(device, workers)  # threads for the CNN, one loader worker on the CPU: printed
     start = time.time()
     batches = DataLoader(images, batch_size=batch_size, num_workers=workers, **loader_options(device))
-    hyps = decode_batches(encoder, decoder, batches, word_map, list(beam_sizes), max_len, length_penalty,
-                          suppress_unk, device, constrained=checkpoint["config"].get("constrained_decoding", False))
+    hyps = decode_batches(encoder, decoder, batches, word_map, list(beam_sizes), max_len, suppress_unk=suppress_unk,
+                          device=device, **rules)
     seconds = time.time() - start
     report = {"checkpoint": checkpoint_path, "split": split, "data_folder": data_folder, "data_name": data_name,
-              "num_images": len(images), "decode_seconds": seconds, "results": []}
+              "num_images": len(images), "decode_seconds": seconds, "decoding": rules, "results": []}
     for k in beam_sizes:
         sentences = {i: " ".join(decode_tokens(h["tokens"], rev_word_map, word_map)) for i, h in hyps[k].items()}
         scores = score_captions(refs, sentences, quiet=k != beam_sizes[0])  # skip notes once, not per beam
@@ -134,7 +138,8 @@ def main(argv=None):
     args = parse_args(argv)
     evaluate(args.checkpoint, args.data_folder, args.data_name, args.split, args.beam_size, args.batch_size,
              pick_device(args.device), args.out, args.length_penalty, args.max_len, args.suppress_unk, args.workers,
-             encoder_precision=args.encoder_precision, hard_inference=args.hard_inference)
+             encoder_precision=args.encoder_precision, hard_inference=args.hard_inference,
+             block_trigrams=args.block_trigrams)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from checkpoints import MODEL_KEYS, export_inference, load_checkpoint, save_checkpoint
 from models import build_encoder
-from utils import UserError, run_cli, writable_file
+from utils import UserError, non_negative_float, run_cli, writable_file
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,6 +25,11 @@ def parse_args(argv=None):
     p.add_argument("out", help="the inference-only file to write")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES),
                    help="the decoder weights' precision (fp16 keeps 3 more mantissa bits than bf16)")
+    p.add_argument("--length-penalty", type=non_negative_float,
+                   help="record this as the model's decoding length penalty, the default of caption.py, eval.py "
+                        "and demo.py (default: keep the checkpoint's, if any)")
+    p.add_argument("--block-trigrams", action="store_true",
+                   help="record that the model decodes without repeating a trigram within a caption")
     return p.parse_args(argv)
 
 
@@ -45,6 +50,10 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.checkpoint, MODEL_KEYS + ("encoder",))
     writable_file(args.out, "out")
     state = export_inference(checkpoint, packaged_encoder_digest(checkpoint), DTYPES[args.dtype])
+    if args.length_penalty is not None:
+        state["config"]["length_penalty"] = args.length_penalty
+    if args.block_trigrams:
+        state["config"]["block_trigrams"] = True
     save_checkpoint(args.out, state)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, decoder in {args.dtype})")
 

@@ -88,6 +88,8 @@ def build_parser():
     t.add_argument("--decoder-lr", type=positive_float, default=4e-4)
     t.add_argument("--encoder-lr", type=positive_float, default=1e-4)
     t.add_argument("--grad-clip", type=positive_float, default=5.0)
+    t.add_argument("--label-smoothing", type=probability, default=0.0,
+                   help="cross-entropy label smoothing for soft attention, in [0, 1) (0: none)")
     t.add_argument("--alpha-c", type=non_negative_float, default=1.0, help="weight of the doubly stochastic attention term")
     t.add_argument("--lr-patience", type=positive_int, default=8, help="decay the LR after this many epochs without improvement")
     t.add_argument("--lr-decay", type=positive_float, default=0.8)
@@ -229,6 +231,9 @@ def setup_run(args, stack):
 
     if args.fine_tune_top and args.fine_tune_encoder:
         raise UserError("--fine-tune-top and --fine-tune-encoder exclude each other: choose one")
+    if args.label_smoothing and (config.get("attention") == "hard" or args.scst):
+        raise UserError("--label-smoothing smooths soft attention's cross-entropy; "
+                        "hard attention and --scst train on other objectives")
     encoder = build_encoder(config, pretrained=checkpoint is None and config["pretrained"],
                             top_blocks=args.fine_tune_top).to(device)
     decoder = build_decoder(config, len(word_map)).to(device)
@@ -301,12 +306,14 @@ def setup_data(run):
 # ---------------------------------------------------------------------------
 
 
-def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
+def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c, label_smoothing=0.0):
     """Teacher-forced cross-entropy plus the doubly stochastic attention regulariser (paper eq. 14).
+    label_smoothing > 0 spreads that share of each target's probability evenly over the vocabulary.
     Returns (loss, scores (n, vocab), targets (n,)) where n counts the real, unpadded words."""
     # EXERCISE 5 >>> Teacher forcing loss: run the decoder on the true caption, score each next word, add the attention term.
     # Hint: targets are captions[:, 1:]; skip padded steps (step t is real while t < decode_length);
-    #       penalty = mean over batch and pixels of (1 - sum over steps of alpha) ** 2.
+    #       penalty = mean over batch and pixels of (1 - sum over steps of alpha) ** 2;
+    #       F.cross_entropy takes label_smoothing as a keyword.
     # Paper: eq. (14) L = -log p(y|x) + lambda * sum_i (1 - sum_t alpha_ti) ** 2
     features = inputs.float() if cached else encoder(inputs)  # (batch, num_pixels, encoder_dim)
     # scores (batch, steps, vocab), captions sorted by length, decode_lengths (batch,), alphas (batch, steps, num_pixels)
@@ -315,16 +322,16 @@ def compute_loss(encoder, decoder, inputs, captions, caplens, cached, alpha_c):
     steps = torch.arange(scores.shape[1], device=scores.device)  # (steps,)
     mask = steps.unsqueeze(0) < decode_lengths.unsqueeze(1)  # (batch, steps): True on real words
     scores, targets = scores[mask], targets[mask]  # (n, vocab), (n,)
-    cross_entropy = F.cross_entropy(scores.float(), targets)
+    cross_entropy = F.cross_entropy(scores.float(), targets, label_smoothing=label_smoothing)
     # every pixel should receive about one unit of attention over the whole caption
     attention_penalty = ((1.0 - alphas.sum(dim=1)) ** 2).mean()  # alphas.sum(1): (batch, num_pixels)
     return cross_entropy + alpha_c * attention_penalty, scores, targets
     # <<< EXERCISE 5
 
-def hard_options(run):
-    """hard_attention_loss's extra arguments (none for soft attention)."""
+def loss_options(run):
+    """The training loss's extra arguments: label smoothing for soft attention, REINFORCE's for hard."""
     if run.hard_baseline is None:
-        return {}
+        return {"label_smoothing": run.args.label_smoothing}
     return {"baseline": run.hard_baseline, "reinforce_weight": run.args.reinforce_weight,
             "entropy_weight": run.args.entropy_weight}
 
@@ -358,7 +365,7 @@ def train_one_epoch(run, epoch):
             loss_fn = hard_attention_loss if run.hard_baseline is not None else compute_loss
             loss, scores, targets = loss_fn(run.train_encoder, run.train_decoder, inputs, captions, caplens,
                                             features_cached(run), run.args.alpha_c,
-                                            **hard_options(run))  # (), (n, vocab), (n,)
+                                            **loss_options(run))  # (), (n, vocab), (n,)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at epoch {epoch}, batch {step}: stopped. The last good checkpoint "

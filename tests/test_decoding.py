@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from decoding import beam_search
+from decoding import ban_repeated_trigrams, beam_search, model_decoding
 from models import DecoderWithAttention
 
 
@@ -154,3 +154,39 @@ def test_unk_suppression(word_map):
     f = torch.zeros(1, 4, 3)
     assert beam_search(MarkovDecoder(table), f, word_map, 2, 5)[0]["tokens"] == [word_map["<unk>"]]
     assert beam_search(MarkovDecoder(table), f, word_map, 2, 5, suppress_unk=True)[0]["tokens"] == [word_map["a"]]
+
+
+def _trigrams(tokens):
+    return list(zip(tokens, tokens[1:], tokens[2:]))
+
+
+def test_ban_repeated_trigrams_forbids_exactly_the_repeating_word():
+    seqs = torch.tensor([[1, 2, 3, 1, 2], [1, 2, 3, 4, 2], [1, 2, 0, 0, 0]])  # (rows, t)
+    out = ban_repeated_trigrams(torch.zeros(3, 6), seqs)  # (rows, vocab)
+    banned = [torch.isinf(row).nonzero().view(-1).tolist() for row in out]
+    # row 0 ends in "1 2", once followed by 3; row 1's "4 2" is new; row 2's "0 0" was followed by 0
+    assert banned == [[3], [], [0]]
+    short = torch.zeros(2, 6)
+    assert torch.equal(ban_repeated_trigrams(short, torch.tensor([[1, 2], [2, 2]])), short)
+
+
+def test_constrained_beam_search_never_repeats_a_trigram(word_map):
+    # a likes b and b likes a, and nothing ever ends: unconstrained, the caption is "a b a b a b"
+    table = _table(word_map, {"<start>": {"a": 0.9, "b": 0.1}, "a": {"b": 0.9, "c": 0.1}, "b": {"a": 0.9, "c": 0.1},
+                    "c": {"a": 0.5, "b": 0.5}})
+    table[:, word_map["<end>"]] = 0.0
+    table = table / table.sum(1, keepdim=True)
+    f = torch.zeros(2, 4, 3)
+    free = beam_search(MarkovDecoder(table), f, word_map, 3, 6)
+    kept = beam_search(MarkovDecoder(table), f, word_map, 3, 6, block_trigrams=True)
+    for loose, strict in zip(free, kept):
+        assert len(set(_trigrams(loose["tokens"]))) < len(_trigrams(loose["tokens"]))
+        assert len(strict["tokens"]) == 6
+        assert len(set(_trigrams(strict["tokens"]))) == len(_trigrams(strict["tokens"]))
+
+
+def test_model_decoding_reads_the_config_and_a_given_length_penalty_wins():
+    assert model_decoding({}) == {"length_penalty": 0.0, "constrained": False, "block_trigrams": False}
+    tuned = {"length_penalty": 0.7, "constrained_decoding": True, "block_trigrams": True}
+    assert model_decoding(tuned) == {"length_penalty": 0.7, "constrained": True, "block_trigrams": True}
+    assert model_decoding(tuned, 0.0)["length_penalty"] == 0.0

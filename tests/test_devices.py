@@ -137,7 +137,8 @@ def test_beam_search_keeps_to_the_device(beam_size, constrained, toy_word_map):
     features = torch.randn(3, 4, 6)  # (batch, num_pixels, encoder_dim)
     mode = DeviceDiscipline()
     with mode:
-        hyps = beam_search(decoder, features, word_map, beam_size, max_len=6, constrained=constrained)
+        hyps = beam_search(decoder, features, word_map, beam_size, max_len=6, constrained=constrained,
+                           block_trigrams=constrained)
     assert len(hyps) == 3 and not mode.violations, mode.violations
 
 

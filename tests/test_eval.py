@@ -55,3 +55,26 @@ def test_eval_warns_when_the_folder_was_prepared_at_another_size(prepared, tiny_
     printed = capsys.readouterr().out
     assert f"trained on pictures prepared at {prepared_size + 32} px" in printed
     assert f"holds {prepared_size} px ones" in printed and f"--image-size {prepared_size + 32}" in printed
+
+
+def test_eval_decodes_with_the_model_length_penalty_unless_given(prepared, tiny_checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    import eval as evaluation
+
+    used, real = [], evaluation.decode_batches
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["length_penalty"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "decode_batches", recording)
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["config"]["length_penalty"] = 0.7
+    tuned = str(tmp_path / "tuned.pt")
+    torch.save(checkpoint, tuned)
+    reports = [evaluation.evaluate(path, prepared[0], None, "TEST", [1], batch_size=2, out=str(tmp_path / f"{i}.json"),
+                                   workers=0, length_penalty=given)
+               for i, (path, given) in enumerate([(tiny_checkpoint, None), (tuned, None), (tuned, 0.25)])]
+    assert used == [0.0, 0.7, 0.25]
+    assert [r["decoding"]["length_penalty"] for r in reports] == used

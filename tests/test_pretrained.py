@@ -103,9 +103,10 @@ def karpathy_val(flickr):
     return [img for img in data["images"] if img["split"] == "val"]
 
 
-def bundled_val_captions(flickr, val, plain_backbone):
-    """The bundled model's beam-3 captions of the VAL photos, {file name: caption}: computed by the backbone as
-    trained (plain_backbone) or by its inference copy (frozen_cnn.py, the default)."""
+def bundled_val_captions(flickr, val, plain_backbone, rules):
+    """The bundled model's beam-3 captions of the VAL photos, {file name: caption}, decoded with `rules`
+    (beam_search's keywords): computed by the backbone as trained (plain_backbone) or by its inference copy
+    (frozen_cnn.py, the default)."""
     from decoding import decode_batches
     from utils import decode_tokens
 
@@ -117,8 +118,7 @@ def bundled_val_captions(flickr, val, plain_backbone):
     images = torch.stack([torch.from_numpy(load_image(os.path.join(flickr, "images", img["filename"]), size))
                           for img in val])  # (1000, 3, size, size) uint8
     batches = ((images[i : i + 50], torch.arange(i, min(i + 50, len(val)))) for i in range(0, len(val), 50))
-    hyps = decode_batches(encoder, decoder, batches, word_map, 3, constrained=checkpoint["config"].get(
-        "constrained_decoding", False))
+    hyps = decode_batches(encoder, decoder, batches, word_map, 3, **rules)
     return {val[i]["filename"]: " ".join(decode_tokens(h["tokens"], rev, word_map)) for i, h in hyps.items()}
 
 
@@ -136,7 +136,8 @@ def test_bundled_model_matches_the_full_precision_model_on_val():
 
     reference = json.load(open(os.path.splitext(DEFAULT_MODEL)[0] + "_val_reference.json"))
     val = karpathy_val(FLICKR)
-    captions = bundled_val_captions(FLICKR, val, plain_backbone=True)
+    rules = reference["decoding"]  # decode as the reference captions were
+    captions = bundled_val_captions(FLICKR, val, True, rules)
     same = sum(captions[name] == reference["captions"][name] for name in captions) / len(captions)
     assert same >= 0.98, f"only {100 * same:.1f} % of captions equal the full-precision model's"
     refs = {i: [" ".join(s["tokens"]) for s in img["sentences"]] for i, img in enumerate(val)}  # both scored the same way
@@ -147,5 +148,5 @@ def test_bundled_model_matches_the_full_precision_model_on_val():
 
     full, bundled = bleu4(reference["captions"]), bleu4(captions)
     assert abs(bundled - full) <= 0.003, (bundled, full)
-    fast = bleu4(bundled_val_captions(FLICKR, val, plain_backbone=False))
+    fast = bleu4(bundled_val_captions(FLICKR, val, False, rules))
     assert abs(fast - full) <= 0.003, (fast, full)

@@ -125,7 +125,7 @@ def _existing(folder, data_folder, kind, data_name, split):
     name = prepared_name(kind, data_name, split)
     if not os.path.exists(os.path.join(folder, name)):
         raise UserError(f"{os.path.join(data_folder, name)}: not found; prepare the data with "
-                        "create_input_files.py first")
+                        "create_input_files.py first (a split none of whose images were found is not written)")
     return os.path.join(folder, name)
 
 

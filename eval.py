@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoints import load_checkpoint
-from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences, snapshot_folder
+from dataset import ImageDataset, find_data_name, load_image_info, reference_sentences
 from decoding import decode_batches, model_decoding
 from features import configure_encoding, loader_options
 from metrics import SCORE_NAMES, score_captions
@@ -69,8 +69,8 @@ def evaluate(checkpoint_path, data_folder=None, data_name=None, split="TEST", be
     rules = model_decoding(checkpoint["config"], length_penalty)  # the model's own, but a given length penalty wins
     rules["block_trigrams"] |= block_trigrams
     rev_word_map = {v: k for k, v in word_map.items()}
-    snapshot = snapshot_folder(data_folder, data_name)  # every file from one whole prepared set
-    images = ImageDataset(snapshot, data_name, split)
+    images = ImageDataset(data_folder, data_name, split)  # its errors name the public paths
+    snapshot = images.folder  # read every other file from the same whole prepared set
     warn_if_other_resolution(checkpoint["config"].get("image_size"), images.h5.image_size, data_folder)
     refs = reference_sentences(snapshot, data_name, split, len(images))
     info = load_image_info(snapshot, data_name, split, len(images))

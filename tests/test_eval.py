@@ -78,3 +78,27 @@ def test_eval_decodes_with_the_model_length_penalty_unless_given(prepared, tiny_
                for i, (path, given) in enumerate([(tiny_checkpoint, None), (tuned, None), (tuned, 0.25)])]
     assert used == [0.0, 0.7, 0.25]
     assert [r["decoding"]["length_penalty"] for r in reports] == used
+
+
+def test_a_split_that_was_not_prepared_names_the_public_path(prepared, tiny_checkpoint, tmp_path):
+    """As with Flickr8k's withheld TEST photos: the split has no images file. The one-line error names the
+    file the user knows (in the data folder), not the snapshot folder behind it."""
+    import shutil
+
+    from dataset import prepared_name
+    from utils import UserError
+
+    import eval as evaluation
+
+    folder = str(tmp_path / "prepared")
+    shutil.copytree(prepared[0], folder, symlinks=True)
+    public = os.path.join(folder, prepared_name("IMAGES", prepared[1], "TEST"))
+    real = os.path.realpath(public)
+    assert real.startswith(str(tmp_path))  # only the copy is touched
+    os.remove(real)
+    if os.path.lexists(public):
+        os.remove(public)
+    with pytest.raises(UserError) as error:
+        evaluation.evaluate(tiny_checkpoint, folder, None, "TEST", [1], out=str(tmp_path / "r.json"), workers=0)
+    message = str(error.value)
+    assert message.startswith(f"{public}: not found") and ".prepared" not in message

@@ -30,7 +30,7 @@ import shapes
 from checkpoints import (MODEL_KEYS, RESUME_KEYS, checkpoint_state, load_checkpoint, repair_best,
                          restore_training_state, save_epoch, set_rng_state)
 from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
-from decoding import decode_batches
+from decoding import decode_batches, model_decoding
 from features import (FeatureCache, FinishedFeatures, caption_batches, configure_encoding, default_cache_dir, epoch_order,
                       loader_options, to_device)
 from hard_attention import (BASELINE_DECAY, ENTROPY_WEIGHT, EXPECTED_CONTEXT_PROB, HARD_INFERENCE,
@@ -434,8 +434,7 @@ def decode_split(run, encoder, decoder, split):
     with run.autocast():
         hyps = decode_batches(encoder, decoder, batches, run.word_map, run.args.val_beam_size,
                               run.args.max_decode_len, device=run.device, desc=f"decoding {split}",
-                              features_given=features_given,
-                              constrained=run.config.get("constrained_decoding", False))
+                              features_given=features_given, **model_decoding(run.config))
     return {i: " ".join(decode_tokens(h["tokens"], run.rev_word_map, run.word_map)) for i, h in hyps.items()}
 
 

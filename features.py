@@ -96,16 +96,20 @@ class NormalisedBatches:
         return normalise_images(images, self.mean, self.std), indices  # (batch, 3, S, S) float32
 
 
-def encode_images(encoder, images, device, batch_size, workers):
+def encode_images(encoder, images, device, batch_size, workers, mirrored=False):
     """Yield (first image index, stored features) over `images` in order: (batch, num_pixels, encoder_dim),
-    or the bottom's maps (batch, channels, h, w) when the encoder's top is fine-tuned (--fine-tune-top)."""
+    or the bottom's maps (batch, channels, h, w) when the encoder's top is fine-tuned (--fine-tune-top).
+    mirrored: encode each image flipped left to right (train.py --hflip)."""
     in_workers = workers > 0 and device.type == "cpu"  # to a GPU, uint8 crosses the bus: 4x fewer bytes
     collate = NormalisedBatches(encoder.mean, encoder.std) if in_workers else None
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         **loader_options(device))
     with torch.no_grad():
-        for batch, indices in progress(loader, desc=f"caching {images.split} features", unit="batch"):
+        desc = f"caching {images.split} features{' (mirrored)' if mirrored else ''}"
+        for batch, indices in progress(loader, desc=desc, unit="batch"):
             batch = to_device(batch, device)  # (batch, 3, S, S): normalised float32, or uint8
+            if mirrored:
+                batch = batch.flip(-1)  # (batch, 3, S, S): each row reversed
             if not in_workers:
                 batch = normalise_images(batch, encoder.mean, encoder.std)  # (batch, 3, S, S) float32
             # (batch, num_pixels, encoder_dim) features, or (batch, channels, h, w) maps below --fine-tune-top
@@ -129,11 +133,12 @@ def checked_for_storage(feats, first):
 # ---------------------------------------------------------------------------
 
 
-def cache_key(encoder, images, device):
+def cache_key(encoder, images, device, mirrored=False):
     """Everything the cached features of `images` (an ImageDataset) depend on."""
     path = images.h5.path
     stat = os.stat(path)
-    return {"format": CACHE_FORMAT, "encoder": encoder.name, "weights": encoder.weights_digest(),
+    mirror = {"mirrored": True} if mirrored else {}  # absent when False: older files keep their names
+    return {**mirror, "format": CACHE_FORMAT, "encoder": encoder.name, "weights": encoder.weights_digest(),
             "feature_stride": encoder.feature_stride, "encoded_size": encoder.encoded_image_size,
             "input_size": encoder.input_size, "top_blocks": encoder.top_blocks,
             "precision": resolve_precision(encoder.precision, device.type, encoder.name),
@@ -190,18 +195,19 @@ class FeatureCache:
 
     Without cache_dir they are encoded into memory. With cache_dir they are read from the key's file
     there (cache_key), or encoded and written to it first; in_memory=False then reads each batch from the file.
-    `loaded` says whether the file was there already.
+    `loaded` says whether the file was there already. mirrored: features of the images flipped left to right.
     """
 
     def __init__(self, encoder, data_folder, data_name, split, device, batch_size=32, workers=0, cache_dir=None,
-                 in_memory=True):
+                 in_memory=True, mirrored=False):
         images = ImageDataset(data_folder, data_name, split)
         self.file, self.tensor, self.path, self.loaded = None, None, None, False
-        batches = encode_images(encoder, images, device, batch_size, workers)  # runs only if iterated
+        batches = encode_images(encoder, images, device, batch_size, workers, mirrored)  # runs only if iterated
         if cache_dir is None:
             self.tensor = self._fill(batches, len(images), device)
         else:
-            self._use_file(cache_key(encoder, images, device), cache_dir, batches, len(images), device, in_memory)
+            key = cache_key(encoder, images, device, mirrored)
+            self._use_file(key, cache_dir, batches, len(images), device, in_memory)
 
     def _use_file(self, key, cache_dir, batches, num_images, device, in_memory):
         """Read the key's file, writing it first if it is not there (or not readable)."""
@@ -211,7 +217,8 @@ class FeatureCache:
         if data is None:
             write_cache_file(self.path, key, batches, num_images)
             data = open_cache_file(self.path, key)
-        print(f"{key['split']} features {'read from' if self.loaded else 'written to'} {self.path}")
+        kind = "mirrored features" if key.get("mirrored") else "features"
+        print(f"{key['split']} {kind} {'read from' if self.loaded else 'written to'} {self.path}")
         if in_memory:
             home = cache_device(data.size * 2, device)
             self.tensor = from_file(data[...]).to(home)  # (num_images, num_pixels, encoder_dim)
@@ -274,14 +281,68 @@ def epoch_order(num_items, epoch, seed, rank, world):
     return torch.tensor(list(RandomSampler(range(num_items), generator=generator)), device="cpu")
 
 
-def caption_batches(dataset, order, batch_size, cache, workers, device=torch.device("cpu")):
-    """Yield (inputs, captions, caplens): inputs are cached features if `cache` is set, else uint8 images."""
+# the words a left-right mirror swaps in a caption (train.py --hflip)
+MIRROR_SWAPS = [("left", "right")]
+
+
+def mirror_flags(num_items, epoch, seed, rank):
+    """(num_items,) bool on the CPU: which of this epoch's items see their image mirrored, each with
+    probability 1/2; the same on every run, so resuming is exact."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch + 7919 * (rank + 1))
+    return torch.rand(num_items, generator=generator) < 0.5  # (num_items,)
+
+
+class Mirror:
+    """train.py --hflip for one epoch: the flags (aligned with the epoch's order) of the captions whose image
+    is mirrored, the mirrored images' feature cache (None when the encoder runs every batch), and a word
+    table that swaps left and right in those captions."""
+
+    def __init__(self, flags, cache, word_map):
+        self.flags, self.cache = flags, cache  # (len(order),) bool; FeatureCache or None
+        self.table = torch.arange(len(word_map), device="cpu")  # (vocab,): word id -> its mirror image's id
+        for a, b in MIRROR_SWAPS:
+            if a in word_map and b in word_map:
+                self.table[word_map[a]], self.table[word_map[b]] = word_map[b], word_map[a]
+
+    def features(self, cache, images, flags):
+        """Cached features (or maps) of `images` (batch,), the flagged rows from the mirrored cache."""
+        feats = cache[images]  # (batch, num_pixels, encoder_dim): a copy, safe to overwrite
+        if flags.any():
+            feats[flags.to(feats.device)] = self.cache[images[flags]].to(feats.device)
+        return feats
+
+    @staticmethod
+    def images(images, flags):
+        """uint8 images (batch, 3, S, S) with the flagged ones flipped left to right."""
+        images = images.clone()  # (batch, 3, S, S)
+        images[flags] = images[flags].flip(-1)  # (flagged, 3, S, S)
+        return images
+
+    def captions(self, captions, flags):
+        """captions (batch, L) with left and right swapped in the flagged rows."""
+        captions = captions.clone()  # (batch, L)
+        captions[flags] = self.table[captions[flags]]  # (flagged, L)
+        return captions
+
+
+def caption_batches(dataset, order, batch_size, cache, workers, device=torch.device("cpu"), mirror=None):
+    """Yield (inputs, captions, caplens): inputs are cached features if `cache` is set, else uint8 images.
+    mirror (a Mirror, or None): the flagged captions come with their image mirrored."""
     if cache is not None:
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]  # (batch,) caption indices
-            yield cache[idx // dataset.cpi], dataset.captions[idx], dataset.caplens[idx]
+            images, captions = idx // dataset.cpi, dataset.captions[idx]  # (batch,), (batch, L)
+            if mirror is None:
+                yield cache[images], captions, dataset.caplens[idx]
+            else:
+                flags = mirror.flags[first : first + batch_size]  # (batch,)
+                yield mirror.features(cache, images, flags), mirror.captions(captions, flags), dataset.caplens[idx]
     else:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
                             **loader_options(device))
-        for batch in loader:
-            yield batch[0], batch[1], batch[2].view(-1)
+        for first, batch in zip(range(0, len(order), batch_size), loader):
+            images, captions, caplens = batch[0], batch[1], batch[2].view(-1)  # (batch, 3, S, S), (batch, L), (batch,)
+            if mirror is not None:
+                flags = mirror.flags[first : first + batch_size]  # (batch,)
+                images, captions = mirror.images(images, flags), mirror.captions(captions, flags)
+            yield images, captions, caplens

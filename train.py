@@ -31,8 +31,8 @@ from checkpoints import (MODEL_KEYS, RESUME_KEYS, checkpoint_state, load_checkpo
                          restore_training_state, save_epoch, set_rng_state)
 from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
 from decoding import decode_batches, model_decoding
-from features import (FeatureCache, FinishedFeatures, caption_batches, configure_encoding, default_cache_dir, epoch_order,
-                      loader_options, to_device)
+from features import (FeatureCache, FinishedFeatures, Mirror, caption_batches, configure_encoding, default_cache_dir,
+                      epoch_order, loader_options, mirror_flags, to_device)
 from hard_attention import (BASELINE_DECAY, ENTROPY_WEIGHT, EXPECTED_CONTEXT_PROB, HARD_INFERENCE,
                             REINFORCE_WEIGHT, MovingBaseline, hard_attention_loss)
 from metrics import score_captions
@@ -90,6 +90,9 @@ def build_parser():
     t.add_argument("--grad-clip", type=positive_float, default=5.0)
     t.add_argument("--label-smoothing", type=probability, default=0.0,
                    help="cross-entropy label smoothing for soft attention, in [0, 1) (0: none)")
+    t.add_argument("--hflip", action="store_true",
+                   help="augment TRAIN: each caption sees its photo mirrored left to right with probability 1/2, "
+                        "'left' and 'right' swapped (a frozen encoder caches the mirrored photos' features too)")
     t.add_argument("--alpha-c", type=non_negative_float, default=1.0, help="weight of the doubly stochastic attention term")
     t.add_argument("--lr-patience", type=positive_int, default=8, help="decay the LR after this many epochs without improvement")
     t.add_argument("--lr-decay", type=positive_float, default=0.8)
@@ -178,6 +181,7 @@ class RunState:
     val_set: CaptionDataset = None
     val_refs: dict = None  # {VAL image index: [reference sentence, ...]}
     train_cache: Optional[FeatureCache] = None  # encoder features, while the encoder is frozen
+    mirror_cache: Optional[FeatureCache] = None  # --hflip: the mirrored TRAIN photos' features
     val_cache: Optional[FeatureCache] = None
     cider: Optional[CiderD] = None  # SCST's reward, with TRAIN document frequencies
     start_epoch: int = 0
@@ -231,6 +235,8 @@ def setup_run(args, stack):
 
     if args.fine_tune_top and args.fine_tune_encoder:
         raise UserError("--fine-tune-top and --fine-tune-encoder exclude each other: choose one")
+    if args.hflip and args.scst:
+        raise UserError("--hflip augments cross-entropy training; SCST samples from the photos as they are")
     if args.label_smoothing and (config.get("attention") == "hard" or args.scst):
         raise UserError("--label-smoothing smooths soft attention's cross-entropy; "
                         "hard attention and --scst train on other objectives")
@@ -291,6 +297,9 @@ def setup_data(run):
             FeatureCache(run.encoder, run.snapshot, run.data_name, split, run.device, 32, workers,
                          cache_dir=cache_dir, in_memory=args.cache == "ram")
             for split in ("TRAIN", "VAL"))
+        if args.hflip:
+            run.mirror_cache = FeatureCache(run.encoder, run.snapshot, run.data_name, "TRAIN", run.device, 32,
+                                            workers, cache_dir=cache_dir, in_memory=args.cache == "ram", mirrored=True)
         if run.top_blocks:  # the caches hold the bottom's maps: training calls the top alone,
             run.train_encoder = EncoderTop(run.encoder)  # and validation reads finished features
             run.val_cache = FinishedFeatures(run.val_cache, run.encoder)
@@ -351,7 +360,11 @@ def train_one_epoch(run, epoch):
     run.decoder.train()
     run.encoder.train(run.fine_tune)
     order = epoch_order(len(run.train_set), epoch, run.args.seed, run.rank, run.world)  # (captions,) this rank's
-    batches = caption_batches(run.train_set, order, run.args.batch_size, run.train_cache, run.args.workers, run.device)
+    mirror = None
+    if run.args.hflip:  # which captions see their photo mirrored this epoch
+        mirror = Mirror(mirror_flags(len(order), epoch, run.args.seed, run.rank), run.mirror_cache, run.word_map)
+    batches = caption_batches(run.train_set, order, run.args.batch_size, run.train_cache, run.args.workers, run.device,
+                              mirror)
     total = math.ceil(len(order) / run.args.batch_size)
     if run.args.max_steps:
         total = min(total, run.args.max_steps)

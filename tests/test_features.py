@@ -304,3 +304,95 @@ def test_encoding_plan_gives_the_cnn_the_cores(monkeypatch):
     assert encoding_plan(torch.device("cpu"), 4) == (3, 1)  # two processes share the cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert encoding_plan(torch.device("cpu"), 4) == (2, 0)  # 2 cores each: a worker would slow the CNN
+
+
+# ---------------------------------------------------------------------------
+# Mirroring (train.py --hflip): a second cache of the flipped photos, flagged batches, left and right swapped
+# ---------------------------------------------------------------------------
+
+
+def test_the_mirrored_cache_holds_the_flipped_photos_features(own_prepared, tmp_path, lite0):
+    encoder = counted(lite0)  # pretrained: an untrained CNN's features barely depend on the photo
+    plain = disk_cache(encoder, *own_prepared, tmp_path / "cache")
+    encoder.runs = 0
+    mirrored = disk_cache(encoder, *own_prepared, tmp_path / "cache", mirrored=True)
+    assert not mirrored.loaded and encoder.runs > 0 and mirrored.path != plain.path  # its own key, its own file
+    images = ImageDataset(*own_prepared, "TRAIN")
+    flipped = torch.stack([images[i][0] for i in range(len(images))]).flip(-1)  # (n, 3, S, S) uint8
+    with torch.no_grad():
+        expected = encoder.encode_for_cache(models.normalise_images(flipped, encoder.mean, encoder.std))
+    got = all_features(mirrored).float()  # (n, num_pixels, encoder_dim)
+    scale = expected.abs().max()  # (): compare relative to the features' size
+    assert (got - expected).abs().max() < 0.02 * scale  # bfloat16 storage
+    assert (got - all_features(plain).float()).abs().max() > 0.1 * scale  # not the unmirrored features
+    encoder.runs = 0
+    again = disk_cache(encoder, *own_prepared, tmp_path / "cache", mirrored=True)
+    assert again.loaded and again.path == mirrored.path and encoder.runs == 0
+
+
+class ToyCaptions(torch.utils.data.Dataset):
+    """What caption_batches reads of a CaptionDataset: items (image, caption, caplen), captions, caplens, cpi."""
+
+    def __init__(self, images, captions, cpi):
+        self.images, self.captions, self.cpi = images, captions, cpi  # (n, 3, S, S), (n * cpi, L)
+        self.caplens = torch.full((len(captions), 1), captions.shape[1])  # (n * cpi, 1)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return self.images[i // self.cpi], self.captions[i], self.caplens[i]
+
+
+@pytest.fixture
+def mirror_case(toy_word_map):
+    word_map = toy_word_map("a", "dog", "left", "right")
+    w = word_map
+    caption = [w["<start>"], w["a"], w["dog"], w["left"], w["right"], w["<end>"]]
+    captions = torch.tensor([caption] * 6)  # (6, L): 3 images, 2 captions each
+    images = torch.arange(3 * 3 * 2 * 4, dtype=torch.uint8).view(3, 3, 2, 4)  # (3, 3, S, S') asymmetric rows
+    flags = torch.tensor([True, False, False, True, True, False])  # aligned with the order below
+    order = torch.tensor([0, 1, 2, 3, 4, 5])
+    return word_map, ToyCaptions(images, captions, cpi=2), flags, order
+
+
+def test_cached_batches_read_flagged_rows_from_the_mirrored_cache(mirror_case):
+    word_map, dataset, flags, order = mirror_case
+    plain = torch.arange(3.0).view(3, 1, 1)  # (images, num_pixels, encoder_dim): image i's feature is i
+    mirrored = plain + 100.0  # the mirrored photo's: i + 100
+    batches = list(features.caption_batches(dataset, order, 4, plain, 0, mirror=features.Mirror(flags, mirrored,
+                                                                                                word_map)))
+    assert [len(b[0]) for b in batches] == [4, 2]
+    feats = torch.cat([b[0] for b in batches]).view(-1)  # (6,)
+    assert feats.tolist() == [100.0, 0.0, 1.0, 101.0, 102.0, 2.0]
+    assert torch.equal(plain.view(-1), torch.arange(3.0))  # the cache itself is untouched
+    captions = torch.cat([b[1] for b in batches])  # (6, L)
+    w = word_map
+    swapped = [w["<start>"], w["a"], w["dog"], w["right"], w["left"], w["<end>"]]
+    for row, flagged in zip(captions.tolist(), flags.tolist()):
+        assert row == (swapped if flagged else dataset.captions[0].tolist())
+    assert dataset.captions[0, 3] == w["left"]  # the dataset's captions are untouched
+
+
+def test_uncached_batches_flip_the_flagged_images(mirror_case):
+    word_map, dataset, flags, order = mirror_case
+    mirror = features.Mirror(flags, None, word_map)
+    images = torch.cat([b[0] for b in features.caption_batches(dataset, order, 4, None, 0, mirror=mirror)])
+    for k, flagged in enumerate(flags.tolist()):
+        original = dataset.images[int(order[k]) // dataset.cpi]  # (3, S, S')
+        assert torch.equal(images[k], original.flip(-1) if flagged else original)
+
+
+def test_a_word_map_without_left_and_right_swaps_nothing(toy_word_map):
+    word_map = toy_word_map("a", "dog")
+    mirror = features.Mirror(torch.tensor([True]), None, word_map)
+    caption = torch.tensor([[word_map["<start>"], word_map["a"], word_map["dog"], word_map["<end>"]]])
+    assert torch.equal(mirror.captions(caption, torch.tensor([True])), caption)
+
+
+def test_mirror_flags_are_reproducible_about_half_and_change_each_epoch():
+    first = features.mirror_flags(2000, epoch=3, seed=0, rank=0)
+    assert torch.equal(first, features.mirror_flags(2000, epoch=3, seed=0, rank=0))  # resuming repeats them
+    assert 900 < int(first.sum()) < 1100
+    assert not torch.equal(first, features.mirror_flags(2000, epoch=4, seed=0, rank=0))
+    assert not torch.equal(first, features.mirror_flags(2000, epoch=3, seed=0, rank=1))

@@ -389,3 +389,36 @@ def test_label_smoothing_reaches_the_training_loss_and_is_refused_for_scst(prepa
     with pytest.raises(UserError, match="--label-smoothing"):
         train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--scst",
                     "--label-smoothing", "0.1", "--out-dir", str(tmp_path / "scst")])
+
+
+def test_hflip_trains_on_mirrored_features_and_is_refused_for_scst(prepared, tmp_path, tiny_model_args,
+                                                                   tiny_checkpoint, monkeypatch):
+    caches, seen, real = [], [], train.compute_loss
+
+    class Recorded(train.FeatureCache):
+        def __init__(self, *args, mirrored=False, **kwargs):
+            super().__init__(*args, mirrored=mirrored, **kwargs)
+            caches.append((args[3], mirrored, self))  # (split, mirrored, cache)
+
+    def recording(encoder, decoder, inputs, *args, **kwargs):
+        if decoder.training:
+            seen.append(inputs.float().clone())  # (batch, num_pixels, encoder_dim)
+        return real(encoder, decoder, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(train, "FeatureCache", Recorded)
+    monkeypatch.setattr(train, "compute_loss", recording)
+    train.main(["--data-folder", prepared[0], *tiny_model_args, "--epochs", "1", "--max-steps", "2", "--hflip",
+                "--out-dir", str(tmp_path / "mirrored")])
+    assert [(split, mirrored) for split, mirrored, _ in caches] == [("TRAIN", False), ("VAL", False), ("TRAIN", True)]
+    plain, mirrored = (cache[torch.arange(len(cache), device="cpu")].float() for _, _, cache in (caches[0], caches[2]))
+    rows = torch.cat(seen)  # (captions seen, num_pixels, encoder_dim)
+
+    def matches(rows, table):  # (rows,) bool: is each row one of the table's images' features?
+        return (rows.unsqueeze(1) == table.unsqueeze(0)).flatten(2).all(dim=2).any(dim=1)
+
+    assert not matches(plain, mirrored).any()  # the two caches can be told apart
+    from_plain, from_mirror = matches(rows, plain), matches(rows, mirrored)
+    assert (from_plain | from_mirror).all() and from_plain.any() and from_mirror.any()
+    with pytest.raises(UserError, match="--hflip"):
+        train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--scst",
+                    "--hflip", "--out-dir", str(tmp_path / "scst")])

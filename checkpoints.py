@@ -113,6 +113,14 @@ def checkpoint_state(run, epoch):
     }
 
 
+def same_selection_decoding(old_config, new_config):
+    """Do two configs score VAL with the same length penalty and trigram rule (train.py --length-penalty,
+    --block-trigrams)? If not, a best score of one cannot be compared with the other's."""
+    def rules(config):
+        return float(config.get("length_penalty", 0.0)), bool(config.get("block_trigrams", False))
+    return rules(old_config) == rules(new_config)
+
+
 def restore_training_state(run, checkpoint):
     same_phase = checkpoint["phase"] == run.phase
     if same_phase:  # a new phase (frozen -> fine-tuning -> SCST) starts with fresh optimisers
@@ -121,8 +129,8 @@ def restore_training_state(run, checkpoint):
             run.encoder_opt.load_state_dict(checkpoint["encoder_optimizer"])
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
-    # a new selection metric (BLEU-4 -> CIDEr for SCST) starts a new "best"
-    if checkpoint["select_on"] == run.select_on:
+    # a new selection metric (BLEU-4 -> CIDEr for SCST), or a new length penalty or trigram rule, starts a new "best"
+    if checkpoint["select_on"] == run.select_on and same_selection_decoding(checkpoint["config"], run.config):
         run.best_score, run.best_epoch = checkpoint["best_score"], checkpoint.get("best_epoch", -1)
     run.epochs_since_improvement = checkpoint["epochs_since_improvement"] if same_phase else 0
     run.history = list(checkpoint["history"])

@@ -124,6 +124,11 @@ def build_parser():
     v.add_argument("--val-beam-size", type=positive_int, default=1, help="beam size of the VAL BLEU-4 decoding")
     v.add_argument("--select-on", default="auto", choices=["auto", "Bleu_4", "CIDEr"],
                    help="the VAL score that picks best.pt (auto: BLEU-4 for cross-entropy, CIDEr for SCST)")
+    v.add_argument("--length-penalty", type=non_negative_float,
+                   help="VAL decoding scores a caption by log-probability / length ** this (default: the resumed "
+                        "checkpoint's, else 0); recorded in the checkpoints, so eval.py and caption.py decode the same way")
+    v.add_argument("--block-trigrams", action="store_true",
+                   help="VAL decoding repeats no trigram within a caption; recorded in the checkpoints like --length-penalty")
     v.add_argument("--max-decode-len", type=positive_int, default=50)
     v.add_argument("--test-beam-size", type=positive_int, default=3, help="shapes demo: beam size of the final TEST evaluation")
     o = p.add_argument_group("output")
@@ -232,6 +237,10 @@ def setup_run(args, stack):
     if args.scst:
         check_scst_options(args, world)
         config["constrained_decoding"] = True  # decode as it was trained
+    if args.length_penalty is not None:  # select on the decoding the model will be used with
+        config["length_penalty"] = args.length_penalty
+    if args.block_trigrams:
+        config["block_trigrams"] = True
 
     if args.fine_tune_top and args.fine_tune_encoder:
         raise UserError("--fine-tune-top and --fine-tune-encoder exclude each other: choose one")

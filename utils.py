@@ -325,9 +325,11 @@ def writable_file(path, what):
 def folder_lock(folder, what):
     """Hold an exclusive lock on `folder` (created if needed) while the block runs; a second run that asks
     for it gets a UserError at once: 'FOLDER is in use by another run (pid N, WHAT)'. The lock is an
-    flock on FOLDER/.lock, so the system drops it when its holder dies, even by kill -9."""
+    flock on FOLDER/.lock, so the system drops it when its holder dies, even by kill -9. A folder this call
+    created is removed again on release if the block left nothing in it (a run refused at setup, say)."""
     import fcntl
 
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     while True:
@@ -355,6 +357,9 @@ def folder_lock(folder, what):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)  # still locked here, so no one can hold a lock on a removed file
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # fails, as it should, if anything is in it
+                os.rmdir(folder)
 
 
 def _tree_bytes(path):

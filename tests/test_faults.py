@@ -223,6 +223,18 @@ def test_a_locked_folder_is_left_alone(tmp_path, capsys, collection_factory, pre
     assert sorted(os.listdir(out)) == [".staging-x-1"]  # not touched, and the lock is gone with its holder
 
 
+def test_a_refused_run_leaves_no_empty_output_folder(tmp_path):
+    fresh, kept, used = (str(tmp_path / name) for name in ("fresh", "kept", "used"))
+    os.makedirs(kept)
+    for folder in (fresh, kept, used):
+        with pytest.raises(UserError, match="refused"), folder_lock(folder, "a test"):
+            if folder == used:
+                open(os.path.join(folder, "last.pt"), "w").close()
+            raise UserError("refused at setup")
+    assert not os.path.exists(fresh)  # made by the lock, left empty: gone again
+    assert os.listdir(kept) == [] and os.listdir(used) == ["last.pt"]  # the user's folder, and one with output
+
+
 # ---------------------------------------------------------------------------
 # A full disk
 # ---------------------------------------------------------------------------

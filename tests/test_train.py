@@ -140,7 +140,9 @@ def test_resume_from_a_foreign_file_is_a_user_error(prepared, tmp_path, tiny_mod
     bogus = tmp_path / "other.pt"
     torch.save({"model": torch.zeros(2)}, bogus)
     with pytest.raises(UserError, match="not a checkpoint of this project"):
-        train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", str(bogus)])
+        train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", str(bogus),
+                    "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # the refused run leaves no empty folder behind
 
 
 def test_demo_preset_applies_only_where_not_given():
@@ -422,3 +424,32 @@ def test_hflip_trains_on_mirrored_features_and_is_refused_for_scst(prepared, tmp
     with pytest.raises(UserError, match="--hflip"):
         train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--scst",
                     "--hflip", "--out-dir", str(tmp_path / "scst")])
+
+
+def test_val_decoding_rules_are_used_and_recorded(prepared, tmp_path, tiny_model_args, tiny_checkpoint, monkeypatch):
+    seen, real = [], train.decode_batches
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["length_penalty"], kwargs["block_trigrams"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "decode_batches", recording)
+    start = load_checkpoint(tiny_checkpoint)["epoch"]
+    out = tmp_path / "ruled"
+    train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--epochs", str(start + 2),
+                "--length-penalty", "0.5", "--block-trigrams", "--out-dir", str(out)])
+    assert seen == [(0.5, True)]  # the one resumed epoch's VAL decoding
+    config = load_checkpoint(str(out / "last.pt"))["config"]
+    assert config["length_penalty"] == 0.5 and config["block_trigrams"] is True  # what eval.py and caption.py follow
+    assert (out / "best.pt").exists()  # other rules start a new best: the resumed epoch is it
+
+
+@pytest.mark.parametrize("change, carried", [({}, True), ({"length_penalty": 1.0}, False),
+                                             ({"block_trigrams": True}, False)])
+def test_a_best_score_carries_over_only_under_the_same_decoding(change, carried):
+    checkpoint = {"phase": "xe", "epoch": 4, "select_on": "CIDEr", "best_score": 0.5, "best_epoch": 3,
+                  "epochs_since_improvement": 1, "history": [], "config": {"length_penalty": 0.0}}
+    run = types.SimpleNamespace(phase="scst", select_on="CIDEr", best_score=-1.0, best_epoch=-1, hard_baseline=None,
+                                config={"length_penalty": 0.0, **change})
+    train.restore_training_state(run, checkpoint)
+    assert (run.best_score, run.best_epoch) == ((0.5, 3) if carried else (-1.0, -1))

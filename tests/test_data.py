@@ -172,7 +172,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, collection_factor
     monkeypatch.setattr(create_input_files, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         create_input_files.main(prepare_argv(json_path, out))
-    assert os.listdir(out) == []  # no TRAIN files, no staging folder
+    assert not os.path.exists(out)  # no TRAIN files, no staging folder, not even the folder it made
 
 
 def test_word_map_reuse(tmp_path, prep, load, prepare_argv, tiny_base_name):

@@ -164,6 +164,8 @@ def check_scst_options(args, world):
                         "(no --fine-tune-encoder, --fine-tune-top, --cache off or torchrun)")
     if args.scst_samples < 1 or (args.scst_baseline == "mean" and args.scst_samples < 2):
         raise UserError("--scst-samples must be at least 1 (at least 2 with --scst-baseline mean)")
+    if args.hflip:
+        raise UserError("--hflip augments cross-entropy training; SCST samples from the photos as they are")
 
 
 def scst_one_epoch(run, epoch, optimisation_step):

@@ -244,8 +244,6 @@ def setup_run(args, stack):
 
     if args.fine_tune_top and args.fine_tune_encoder:
         raise UserError("--fine-tune-top and --fine-tune-encoder exclude each other: choose one")
-    if args.hflip and args.scst:
-        raise UserError("--hflip augments cross-entropy training; SCST samples from the photos as they are")
     if args.label_smoothing and (config.get("attention") == "hard" or args.scst):
         raise UserError("--label-smoothing smooths soft attention's cross-entropy; "
                         "hard attention and --scst train on other objectives")

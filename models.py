@@ -416,7 +416,7 @@ class DecoderWithAttention(nn.Module):
     """LSTM decoder that looks at a gated, attention-weighted image context at every step."""
 
     def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5,
-                 attention="soft", hard_inference="expected", expected_prob=0.5):
+                 attention="soft", hard_inference="expected", expected_prob=0.5, feature_dropout=0.0):
         super().__init__()
         self.vocab_size = vocab_size
         self.hard = attention == "hard"
@@ -429,6 +429,9 @@ class DecoderWithAttention(nn.Module):
         self.sampled_locations = None  # hard attention: (batch, steps) locations of the last training pass
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
+        # a frozen encoder gives every photo the same features in every epoch, which the decoder can learn by
+        # heart; dropping some of them in teacher-forced training is a cheap augmentation (0: off)
+        self.feature_dropout = nn.Dropout(p=feature_dropout)
         self.lstm_cell = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
         self.init_h = nn.Linear(encoder_dim, decoder_dim)  # h_0 from the mean feature
         self.init_c = nn.Linear(encoder_dim, decoder_dim)  # c_0 from the mean feature
@@ -473,7 +476,7 @@ class DecoderWithAttention(nn.Module):
             alphas (batch, steps, num_pixels), sort_ind (batch,)."""
         caplens = caplens.view(-1)  # (batch,)
         caplens, sort_ind = caplens.sort(descending=True)  # (batch,), (batch,)
-        features = features[sort_ind]  # (batch, num_pixels, encoder_dim)
+        features = self.feature_dropout(features[sort_ind])  # (batch, num_pixels, encoder_dim), dropped in training
         captions = captions[sort_ind]  # (batch, max_len + 2)
         decode_lengths = caplens - 1  # (batch,): no step predicts after <end>
         steps = int(decode_lengths[0])
@@ -539,7 +542,8 @@ def build_decoder(config, vocab_size):
                                 encoder_dim=encoder_dim(config["encoder"], config.get("feature_stride", 32)),
                                 dropout=config["dropout"], attention=config.get("attention", "soft"),
                                 hard_inference=config.get("hard_inference", "expected"),
-                                expected_prob=config.get("hard_expected_prob", 0.5))
+                                expected_prob=config.get("hard_expected_prob", 0.5),
+                                feature_dropout=config.get("feature_dropout", 0.0))
 
 
 def load_model(checkpoint, device="cpu", encoder_precision="auto"):

@@ -166,6 +166,8 @@ def check_scst_options(args, world):
         raise UserError("--scst-samples must be at least 1 (at least 2 with --scst-baseline mean)")
     if args.hflip:
         raise UserError("--hflip augments cross-entropy training; SCST samples from the photos as they are")
+    if args.feature_dropout:
+        raise UserError("--feature-dropout regularises cross-entropy training; SCST samples from the features as they are")
 
 
 def scst_one_epoch(run, epoch, optimisation_step):

@@ -70,6 +70,9 @@ def build_parser():
     m.add_argument("--attention-dim", type=positive_int, default=512)
     m.add_argument("--decoder-dim", type=positive_int, default=512)
     m.add_argument("--dropout", type=probability, default=0.5)
+    m.add_argument("--feature-dropout", type=probability,
+                   help="dropout on the image features in cross-entropy training (default 0, or the resumed "
+                        "checkpoint's): against a frozen encoder's fixed features being learnt by heart")
     m.add_argument("--attention", default="soft", choices=["soft", "hard"],
                    help="soft: the expected context (section 4.2); hard: one sampled location per step, trained "
                         "with REINFORCE (section 4.1, hard_attention.py)")
@@ -237,6 +240,8 @@ def setup_run(args, stack):
     if args.scst:
         check_scst_options(args, world)
         config["constrained_decoding"] = True  # decode as it was trained
+    if args.feature_dropout is not None:  # a regulariser, not part of the weights' shape: a resumed run may change it
+        config["feature_dropout"] = args.feature_dropout
     if args.length_penalty is not None:  # select on the decoding the model will be used with
         config["length_penalty"] = args.length_penalty
     if args.block_trigrams:

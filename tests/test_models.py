@@ -66,6 +66,26 @@ def test_decoder_forward_shapes_and_sorting():
     assert torch.allclose(alphas[0].sum(1), torch.ones(7), atol=1e-5)
 
 
+def test_feature_dropout_drops_features_in_training_only():
+    """The steps see features zeroed at rate p and the rest scaled by 1 / (1 - p); in eval mode, the features as given."""
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(attention_dim=16, embed_dim=12, decoder_dim=20, vocab_size=14, encoder_dim=24,
+                                   dropout=0.0, feature_dropout=0.4)
+    features = torch.rand(4, 9, 24) + 0.1  # (batch, num_pixels, encoder_dim), no zeros of its own
+    captions, caplens = torch.randint(1, 11, (4, 8)), torch.tensor([8, 6, 5, 3])
+    seen, step = [], decoder.step
+    decoder.step = lambda embedded, h, c, feats, projected: (seen.append(feats), step(embedded, h, c, feats, projected))[1]
+    decoder.train()
+    decoder(features, captions, caplens)
+    kept = seen[0] != 0  # (batch, num_pixels, encoder_dim); rows are in the length order, here the given one
+    assert 0.3 < 1 - kept.float().mean().item() < 0.5
+    assert torch.allclose(seen[0][kept], features[kept] / 0.6)
+    seen.clear()
+    decoder.eval()
+    decoder(features, captions, caplens)
+    assert torch.equal(seen[0], features)
+
+
 def test_gradients_reach_trainable_parameters_only():
     encoder = Encoder("efficientnet_lite0", 0, pretrained=False)
     decoder = _decoder(encoder_dim=1280)

@@ -427,6 +427,30 @@ def test_hflip_trains_on_mirrored_features_and_is_refused_for_scst(prepared, tmp
                     "--hflip", "--out-dir", str(tmp_path / "scst")])
 
 
+def test_feature_dropout_is_recorded_kept_on_resume_and_refused_for_scst(prepared, tmp_path, tiny_model_args,
+                                                                         tiny_checkpoint, monkeypatch):
+    rates, real = [], train.build_decoder
+
+    def recording(config, vocab_size):
+        decoder = real(config, vocab_size)
+        rates.append(decoder.feature_dropout.p)
+        return decoder
+
+    monkeypatch.setattr(train, "build_decoder", recording)
+    out = tmp_path / "dropped"
+    train.main(["--data-folder", prepared[0], *tiny_model_args, "--epochs", "1", "--max-steps", "1",
+                "--feature-dropout", "0.3", "--out-dir", str(out)])
+    assert rates == [0.3] and load_checkpoint(str(out / "last.pt"))["config"]["feature_dropout"] == 0.3
+    train.main(["--data-folder", prepared[0], "--resume", str(out / "last.pt"), "--epochs", "2", "--max-steps", "1",
+                "--out-dir", str(out)])  # a resumed run keeps the checkpoint's rate...
+    train.main(["--data-folder", prepared[0], "--resume", str(out / "last.pt"), "--epochs", "3", "--max-steps", "1",
+                "--feature-dropout", "0.1", "--out-dir", str(out)])  # ...unless it is given a new one
+    assert rates == [0.3, 0.3, 0.1] and load_checkpoint(str(out / "last.pt"))["config"]["feature_dropout"] == 0.1
+    with pytest.raises(UserError, match="--feature-dropout"):
+        train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--scst",
+                    "--feature-dropout", "0.3", "--out-dir", str(tmp_path / "scst")])
+
+
 def test_val_decoding_rules_are_used_and_recorded(prepared, tmp_path, tiny_model_args, tiny_checkpoint, monkeypatch):
     seen, real = [], train.decode_batches
 

@@ -154,6 +154,8 @@ def add_scst_options(parser):
                    help="reward baseline: the greedy caption's CIDEr-D, or the mean of the other samples")
     s.add_argument("--scst-lr", type=positive_float, default=5e-5, help="decoder learning rate during SCST")
     s.add_argument("--scst-max-len", type=positive_int, default=20, help="longest sampled caption")
+    s.add_argument("--scst-no-dropout", action="store_true",
+                   help="sample with the decoder's dropout off, i.e. from the model that decodes at test time")
 
 
 def check_scst_options(args, world):
@@ -185,7 +187,7 @@ def scst_one_epoch(run, epoch, optimisation_step):
     for step in bar:
         images = order[step * args.batch_size : (step + 1) * args.batch_size]  # (batch,) image indices
         features = run.train_cache[images].float().to(run.device)  # (batch, num_pixels, encoder_dim)
-        decoder.train()
+        decoder.train(not args.scst_no_dropout)  # dropout on or off while sampling; gradients flow either way
         with run.autocast():
             tokens, log_probs, mask = sample_captions(decoder, features, run.word_map, n, args.scst_max_len)  # (batch * n, steps) x3
         tic = time.time()

@@ -451,6 +451,30 @@ def test_feature_dropout_is_recorded_kept_on_resume_and_refused_for_scst(prepare
                     "--feature-dropout", "0.3", "--out-dir", str(tmp_path / "scst")])
 
 
+def test_scst_no_dropout_samples_from_the_test_time_decoder_and_still_learns(prepared, tmp_path, tiny_model_args,
+                                                                            tiny_checkpoint, monkeypatch):
+    import scst
+
+    modes, real = [], scst.sample_captions
+
+    def recording(decoder, *args, **kwargs):
+        modes.append(decoder.training)
+        return real(decoder, *args, **kwargs)
+
+    monkeypatch.setattr(scst, "sample_captions", recording)
+    start = load_checkpoint(tiny_checkpoint)
+    assert start["config"]["dropout"] == 0.5  # the tiny model has dropout to turn off
+    for flag, expected in (([], True), (["--scst-no-dropout"], False)):
+        modes.clear()
+        out = tmp_path / f"scst{len(flag)}"
+        train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--scst",
+                    "--scst-samples", "2", "--epochs", str(start["epoch"] + 2), "--max-steps", "1",
+                    "--out-dir", str(out), *flag])
+        assert modes and all(m is expected for m in modes), (flag, modes)
+        trained = load_checkpoint(str(out / "last.pt"))["decoder"]
+        assert any(not torch.equal(trained[k], v) for k, v in start["decoder"].items())  # gradients flowed
+
+
 def test_val_decoding_rules_are_used_and_recorded(prepared, tmp_path, tiny_model_args, tiny_checkpoint, monkeypatch):
     seen, real = [], train.decode_batches
 

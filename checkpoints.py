@@ -14,6 +14,7 @@ import zipfile
 
 import torch
 
+from decoding import model_decoding
 from figures import plot_curves
 from utils import UserError, atomic_path, disk_errors
 
@@ -114,11 +115,9 @@ def checkpoint_state(run, epoch):
 
 
 def same_selection_decoding(old_config, new_config):
-    """Do two configs score VAL with the same length penalty and trigram rule (train.py --length-penalty,
-    --block-trigrams)? If not, a best score of one cannot be compared with the other's."""
-    def rules(config):
-        return float(config.get("length_penalty", 0.0)), bool(config.get("block_trigrams", False))
-    return rules(old_config) == rules(new_config)
+    """Do two configs score VAL with the same decoding rules: SCST's constraints (--scst), the length penalty and
+    the trigram rule (train.py --length-penalty, --block-trigrams)? If not, their best scores cannot be compared."""
+    return model_decoding(old_config) == model_decoding(new_config)
 
 
 def restore_training_state(run, checkpoint):
@@ -129,7 +128,8 @@ def restore_training_state(run, checkpoint):
             run.encoder_opt.load_state_dict(checkpoint["encoder_optimizer"])
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.start_epoch = checkpoint["epoch"] + 1
-    # a new selection metric (BLEU-4 -> CIDEr for SCST), or a new length penalty or trigram rule, starts a new "best"
+    # a new selection metric (BLEU-4 -> CIDEr for SCST) or new decoding rules (SCST's constraints, a length penalty,
+    # the trigram rule) start a new "best": the old score was measured another way
     if checkpoint["select_on"] == run.select_on and same_selection_decoding(checkpoint["config"], run.config):
         run.best_score, run.best_epoch = checkpoint["best_score"], checkpoint.get("best_epoch", -1)
     run.epochs_since_improvement = checkpoint["epochs_since_improvement"] if same_phase else 0

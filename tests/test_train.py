@@ -493,12 +493,16 @@ def test_val_decoding_rules_are_used_and_recorded(prepared, tmp_path, tiny_model
     assert (out / "best.pt").exists()  # other rules start a new best: the resumed epoch is it
 
 
-@pytest.mark.parametrize("change, carried", [({}, True), ({"length_penalty": 1.0}, False),
-                                             ({"block_trigrams": True}, False)])
-def test_a_best_score_carries_over_only_under_the_same_decoding(change, carried):
+@pytest.mark.parametrize("phase, change, carried", [
+    ("xe_fine_tune", {}, True), ("xe_fine_tune", {"length_penalty": 1.0}, False),
+    ("xe_fine_tune", {"block_trigrams": True}, False),
+    # cross-entropy -> SCST: SCST's VAL decoding is constrained, so the cross-entropy best is not comparable
+    # (carried over, it kept best.pt out of SCST's new --out-dir until an SCST epoch beat it)
+    ("scst", {"constrained_decoding": True}, False)])
+def test_a_best_score_carries_over_only_under_the_same_decoding(phase, change, carried):
     checkpoint = {"phase": "xe", "epoch": 4, "select_on": "CIDEr", "best_score": 0.5, "best_epoch": 3,
                   "epochs_since_improvement": 1, "history": [], "config": {"length_penalty": 0.0}}
-    run = types.SimpleNamespace(phase="scst", select_on="CIDEr", best_score=-1.0, best_epoch=-1, hard_baseline=None,
+    run = types.SimpleNamespace(phase=phase, select_on="CIDEr", best_score=-1.0, best_epoch=-1, hard_baseline=None,
                                 config={"length_penalty": 0.0, **change})
     train.restore_training_state(run, checkpoint)
     assert (run.best_score, run.best_epoch) == ((0.5, 3) if carried else (-1.0, -1))

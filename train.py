@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import random
+import sys
 import time
 from typing import Callable, Optional
 
@@ -149,7 +150,24 @@ def parse_args(argv=None):
         parser.set_defaults(**shapes.PRESET)
         args = parser.parse_args(argv)
         args.demo = True
+    args.given = given_options(argv)
     return args
+
+
+def given_options(argv):
+    """The options typed on the command line (not defaults): a resumed run warns about the model options it ignores."""
+    parser, unset = build_parser(), object()  # a default no typed value can equal
+    parser.set_defaults(**{action.dest: unset for action in parser._actions})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
+def warn_ignored_model_options(args, config):
+    """A resumed model keeps the options that shaped it (its config); say which typed ones differ and are ignored."""
+    ignored = [k for k in CONFIG_OPTIONS if k in getattr(args, "given", ()) and getattr(args, k) != config.get(k)]
+    for k in ignored:
+        print(f"warning: {k}={getattr(args, k)} ignored: {args.resume} was trained with {k}={config.get(k)}, "
+              "and a resumed run keeps its model's options", file=sys.stderr)
+    return len(ignored)
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +255,8 @@ def setup_run(args, stack):
         raise UserError(f"{args.resume} was trained with another word map than {args.data_folder}'s; "
                         "prepare the data with --word-map from that run")
     config = dict(checkpoint["config"]) if checkpoint else {k: getattr(args, k) for k in CONFIG_OPTIONS}
+    if checkpoint is not None and rank == 0:
+        warn_ignored_model_options(args, config)
     if args.scst:
         check_scst_options(args, world)
         config["constrained_decoding"] = True  # decode as it was trained

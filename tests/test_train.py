@@ -506,3 +506,16 @@ def test_a_best_score_carries_over_only_under_the_same_decoding(phase, change, c
                                 config={"length_penalty": 0.0, **change})
     train.restore_training_state(run, checkpoint)
     assert (run.best_score, run.best_epoch) == ((0.5, 3) if carried else (-1.0, -1))
+
+
+def test_a_resumed_run_warns_once_per_typed_model_option_it_ignores(prepared, tiny_checkpoint, tiny_model_args,
+                                                                    tmp_path, capsys):
+    start = load_checkpoint(tiny_checkpoint)
+    trained_dropout = start["config"]["dropout"]
+    # the run's own model options, typed again, say nothing; a different dropout is named, and not used
+    train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint, "--dropout", "0.1",
+                "--epochs", str(start["epoch"] + 2), "--max-steps", "1", "--out-dir", str(tmp_path / "resumed")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: dropout=0.1 ignored: {tiny_checkpoint} was trained with dropout={trained_dropout}, "
+                        "and a resumed run keeps its model's options"]
+    assert load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["config"]["dropout"] == trained_dropout

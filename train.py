@@ -167,7 +167,6 @@ def warn_ignored_model_options(args, config):
     for k in ignored:
         print(f"warning: {k}={getattr(args, k)} ignored: {args.resume} was trained with {k}={config.get(k)}, "
               "and a resumed run keeps its model's options", file=sys.stderr)
-    return len(ignored)
 
 
 # ---------------------------------------------------------------------------

@@ -304,10 +304,23 @@ def setup_run(args, stack):
         restore_training_state(run, checkpoint)
         if rank == 0:
             repair_best(run, checkpoint)
+        check_epochs_left(run)
     setup_data(run)
     if checkpoint is not None:  # last: building the caches draws from the RNG too
         set_rng_state(checkpoint["rng"])
     return run
+
+
+def check_epochs_left(run):
+    """--epochs counts from epoch 0, so a resumed run that has done them trains nothing. In its own folder that only
+    repairs best.pt and the log; in a new folder it is a mistake: that folder would get no checkpoint at all."""
+    if run.start_epoch < run.args.epochs:
+        return
+    advice = f"--epochs counts every epoch from 0: give --epochs {run.start_epoch + 1} or more to train on"
+    if os.path.abspath(os.path.dirname(run.args.resume)) != os.path.abspath(run.out_dir):
+        raise UserError(f"nothing to train: {run.args.resume} has finished epoch {run.start_epoch - 1}, and {advice}")
+    if run.rank == 0:
+        print(f"note: nothing to train: {run.args.resume} has finished its {run.args.epochs} epochs; {advice}")
 
 
 def setup_data(run):

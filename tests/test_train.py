@@ -188,6 +188,23 @@ def test_resume_with_weights_that_do_not_fit_their_config_is_one_line(prepared, 
     assert code == 2 and "weights do not fit the model its config describes" in error and "size mismatch" in error
 
 
+def test_resuming_a_run_that_has_done_its_epochs_says_nothing_is_left_to_train(prepared, tiny_checkpoint,
+                                                                                tiny_model_args, tmp_path, capsys):
+    done = load_checkpoint(tiny_checkpoint)["epoch"]
+    code, error = _one_error_line(capsys, ["--data-folder", prepared[0], *tiny_model_args, "--resume", tiny_checkpoint,
+                                           "--epochs", str(done + 1), "--out-dir", str(tmp_path / "o")])
+    assert code == 2 and "nothing to train" in error and f"--epochs {done + 2} or more" in error
+    assert not (tmp_path / "o").exists()  # no empty output folder left behind
+    # in the run's own folder the same resume only repairs best.pt and the log, and says so
+    own = tmp_path / "own"  # a copy: the shared fixture's folder stays as it is
+    own.mkdir()
+    save_checkpoint(str(own / "last.pt"), load_checkpoint(tiny_checkpoint))
+    train.main(["--data-folder", prepared[0], *tiny_model_args, "--resume", str(own / "last.pt"),
+                "--epochs", str(done + 1), "--out-dir", str(own)])
+    assert "note: nothing to train" in capsys.readouterr().out
+    assert load_checkpoint(str(own / "last.pt"))["epoch"] == done
+
+
 @pytest.mark.parametrize("missing", ["config", "rng", "decoder_optimizer"])
 def test_resume_from_a_checkpoint_missing_a_key_is_one_line(prepared, tiny_checkpoint, tiny_model_args, tmp_path,
                                                             capsys, missing):

@@ -153,10 +153,15 @@ def save_epoch(run, state):
         write_logs(run.out_dir, run.history)
 
 
+def resumes_in_its_own_folder(run):
+    """Does --resume continue a checkpoint of --out-dir itself (not start a new phase in a new folder)?"""
+    return os.path.abspath(os.path.dirname(run.args.resume)) == os.path.abspath(run.out_dir)
+
+
 def repair_best(run, last):
     """Resuming this folder's last.pt: if it is the best epoch but best.pt is missing or older (a crash
     between the two saves), write best.pt again; rewrite the log to match last.pt's history."""
-    if os.path.abspath(os.path.dirname(run.args.resume)) != os.path.abspath(run.out_dir):
+    if not resumes_in_its_own_folder(run):
         return  # a new phase in a new folder: that folder's best.pt is its own
     best_path = os.path.join(run.out_dir, "best.pt")
     if last.get("best_epoch") == last["epoch"]:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 import shapes
 from checkpoints import (MODEL_KEYS, RESUME_KEYS, checkpoint_state, load_checkpoint, repair_best,
-                         restore_training_state, save_epoch, set_rng_state)
+                         restore_training_state, resumes_in_its_own_folder, save_epoch, set_rng_state)
 from dataset import CaptionDataset, ImageDataset, find_data_name, reference_sentences, snapshot_folder
 from decoding import decode_batches, model_decoding
 from features import (FeatureCache, FinishedFeatures, Mirror, caption_batches, configure_encoding, default_cache_dir,
@@ -317,7 +317,7 @@ def check_epochs_left(run):
     if run.start_epoch < run.args.epochs:
         return
     advice = f"--epochs counts every epoch from 0: give --epochs {run.start_epoch + 1} or more to train on"
-    if os.path.abspath(os.path.dirname(run.args.resume)) != os.path.abspath(run.out_dir):
+    if not resumes_in_its_own_folder(run):
         raise UserError(f"nothing to train: {run.args.resume} has finished epoch {run.start_epoch - 1}, and {advice}")
     if run.rank == 0:
         print(f"note: nothing to train: {run.args.resume} has finished its {run.args.epochs} epochs; {advice}")

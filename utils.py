@@ -256,6 +256,10 @@ def non_negative_float(text):
     return _checked_number(float, text, lambda v: v >= 0, "a number of at least 0")
 
 
+def share(text):
+    return _checked_number(float, text, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
 def probability(text):
     return _checked_number(float, text, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
 

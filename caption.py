@@ -81,8 +81,8 @@ def figure_paths(out, image_paths):
 @torch.no_grad()
 def caption_image(encoder, decoder, word_map, image, beam_size=5, max_len=50, with_beams=False, **rules):
     """image: (3, S, S) uint8 array; rules: beam_search's decoding rules (model_decoding). Returns (words,
-    alphas (len(words), num_pixels), grid size), and with with_beams=True also the finished beams
-    ({tokens, score, log_prob}, best first)."""
+    alphas (len(words), num_pixels), grid size), and with with_beams=True also the beam_size best finished
+    beams ({tokens, score, log_prob}, best score first)."""
     device = next(decoder.parameters()).device
     features = encoder(torch.from_numpy(image).unsqueeze(0).to(device))  # (1, num_pixels, encoder_dim)
     hyp = beam_search(decoder, features, word_map, beam_size, max_len, **rules)[0]

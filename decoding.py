@@ -30,8 +30,9 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     that would repeat a trigram of its own hypothesis.
 
     Returns one dict per image: tokens (word ids, no <start>/<end>), score, log_prob,
-    finished (bool), alphas (len(tokens), num_pixels) with each word's attention, and beams: every
-    finished hypothesis of the image as {tokens, score, log_prob}, best first (the best alone if none finished).
+    finished (bool), alphas (len(tokens), num_pixels) with each word's attention, and beams: the image's
+    beam_size best finished hypotheses as {tokens, score, log_prob}, best score first (the best alone if none
+    finished).
     """
     k, vocab = beam_size, decoder.vocab_size
     start, end, unk = word_map[START], word_map[END], word_map[UNK]
@@ -92,7 +93,8 @@ def beam_search(decoder, features, word_map, beam_size=5, max_len=50, length_pen
     _fill_unfinished(scores, seqs, alpha_seqs, images, best, length_penalty, k)
     for hyp, beams in zip(best, found):
         summary = {key: hyp[key] for key in ("tokens", "score", "log_prob")}
-        hyp["beams"] = sorted(beams, key=lambda b: b["score"], reverse=True) if beams else [summary]
+        # several beams can end at the same step, so more than k may have finished: keep the k best
+        hyp["beams"] = sorted(beams, key=lambda b: b["score"], reverse=True)[:k] if beams else [summary]
     return best
 
 

